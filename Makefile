@@ -1,0 +1,41 @@
+# One entry point per task; each creates .venv on first use.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SHAPES  ?= data/shapes
+
+.PHONY: train test lint data vae ldm sample clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: $(STAMP) $(SHAPES)/train/00000.tar
+
+$(SHAPES)/train/00000.tar:
+	$(BIN)/python -m ldm.data.shapes --out $(SHAPES)
+
+vae: data
+	$(BIN)/python train.py stage=vae
+
+ldm: data
+	$(BIN)/python train.py stage=ldm
+
+sample:
+	$(BIN)/python sample.py
+
+# The whole pipeline on the built-in shapes data: stage 1, stage 2, then a grid of samples.
+train: data
+	$(BIN)/python train.py stage=vae
+	$(BIN)/python train.py stage=ldm
+	$(BIN)/python sample.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

@@ -1,0 +1,89 @@
+"""AutoencoderKL: the first stage of latent diffusion, a plain nn.Module."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.autoencoder.distribution import DiagonalGaussian
+from ldm.autoencoder.encoder import Decoder, Encoder
+
+CONFIG_NAME = "autoencoder.json"
+WEIGHTS_NAME = "autoencoder.safetensors"
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder -> (mean, logvar) -> z -> decoder; arguments are the CompVis `ddconfig` keys plus embed_dim."""
+
+    def __init__(self, *, embed_dim: int = 4, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4),
+                 num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (), dropout: float = 0.0,
+                 in_channels: int = 3, out_ch: int = 3, resolution: int = 256, z_channels: int = 4,
+                 double_z: bool = True):
+        super().__init__()
+        self.config: dict[str, Any] = dict(
+            embed_dim=embed_dim, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions), dropout=dropout, in_channels=in_channels, out_ch=out_ch,
+            resolution=resolution, z_channels=z_channels, double_z=double_z)
+        arch = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
+                    dropout=dropout, resolution=resolution, z_channels=z_channels)
+        self.encoder = Encoder(in_channels=in_channels, double_z=double_z, **arch)
+        self.decoder = Decoder(out_ch=out_ch, **arch)
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config["embed_dim"]
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The decoder's output conv weight, where the adaptive GAN weight measures gradient norms."""
+        return self.decoder.conv_out.weight
+
+    # ---- export / import of our own format: safetensors weights + JSON config -----------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **arch: Any) -> AutoencoderKL:
+        """Load an export written by `save_pretrained` (a directory or its .safetensors file)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        weights = directory / WEIGHTS_NAME if path.is_dir() else path
+        if not weights.exists():
+            raise FileNotFoundError(f"no autoencoder weights at {weights}")
+        config = json.loads((directory / CONFIG_NAME).read_text()) if (directory / CONFIG_NAME).exists() else {}
+        config.update(arch)
+        model = cls(**config)
+        model.load_state_dict(load_file(str(weights)))
+        return model

@@ -1,0 +1,70 @@
+"""Frozen OpenCLIP text tower giving per-token context for cross-attention.
+
+With `model_name` + `pretrained` it loads a published OpenCLIP model (e.g. ViT-H-14 / laion2b_s32b_b79k
+for SD 2, ViT-L-14 / openai for SD 1); with `model_name: null` it builds a small custom text tower with
+random weights so the default pipeline runs offline. Random frozen features still separate the tokens, which
+is all the cross-attention needs to learn the built-in data set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    def __init__(self, model_name: str | None = None, pretrained: str | None = None, layer: str = "last",
+                 width: int = 64, heads: int = 4, layers: int = 2, context_length: int = 77,
+                 cache_dir: str | None = None, freeze: bool = True, seed: int = 0):
+        super().__init__()
+        import open_clip
+
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"model.text_encoder.layer must be 'last' or 'penultimate', got {layer!r}")
+        self.layer = layer
+        self.context_length = context_length
+        if model_name:
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, cache_dir=cache_dir)
+            tower = model.text if hasattr(model, "text") else model
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        else:
+            from open_clip.transformer import TextTransformer
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # the same random tower in every process and run
+                tower = TextTransformer(context_length=context_length, width=width, heads=heads, layers=layers,
+                                        output_dim=width)
+            self.tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.output_dim = self.token_embedding.embedding_dim
+        self.frozen = freeze
+        if freeze:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> OpenCLIPTextEncoder:
+        return super().train(mode and not self.frozen)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions))
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> (B, context_length, width) token features."""
+        tokens = self.tokenize(captions).to(self.token_embedding.weight.device)
+        x = self.token_embedding(tokens) + self.positional_embedding
+        batch_first = getattr(self.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        blocks = list(self.transformer.resblocks)
+        if self.layer == "penultimate":
+            blocks = blocks[:-1]
+        mask = self.attn_mask.to(x.dtype) if self.attn_mask is not None else None
+        for block in blocks:
+            x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return self.ln_final(x)

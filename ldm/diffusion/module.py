@@ -1,0 +1,164 @@
+"""Stage 2 LightningModule: a UNet denoiser on frozen-autoencoder latents, conditioned on frozen text."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ldm.autoencoder.model import AutoencoderKL
+from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
+from ldm.diffusion.ema import EMA
+from ldm.diffusion.objectives import check_prediction_type, training_target
+from ldm.diffusion.samplers import classifier_free_guidance, sample
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.unet import UNetModel
+from ldm.train.images import log_image, make_grid
+from ldm.train.optim import adamw_with_warmup
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    def __init__(self, unet: dict[str, Any], text_encoder: dict[str, Any], autoencoder: dict[str, Any],
+                 autoencoder_path: str | None = None, schedule: dict[str, Any] | None = None,
+                 prediction_type: str = "epsilon", scale_factor: float | None = None,
+                 cond_drop_prob: float = 0.1, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
+                 guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
+                 val_seed: int = 0, score_shapes: bool = False):
+        super().__init__()
+        check_prediction_type(prediction_type)
+        # autoencoder_path only matters when training starts; a checkpoint carries the weights itself.
+        self.save_hyperparameters(ignore=["autoencoder_path"])
+        self.autoencoder = AutoencoderKL(**{k: v for k, v in autoencoder.items() if k != "init_from"})
+        if autoencoder_path:
+            self.autoencoder.load_state_dict(AutoencoderKL.from_pretrained(autoencoder_path).state_dict())
+        self.autoencoder.requires_grad_(False).eval()
+        self.text_encoder = OpenCLIPTextEncoder(**text_encoder)
+        arch = dict(unet)
+        arch["in_channels"] = arch.get("in_channels") or self.autoencoder.latent_channels
+        arch["out_channels"] = arch.get("out_channels") or self.autoencoder.latent_channels
+        arch["context_dim"] = arch.get("context_dim") or self.text_encoder.output_dim
+        self.unet = UNetModel(**arch)
+        self.ema = EMA(self.unet, decay=ema_decay)
+        self.schedule = NoiseSchedule(**(schedule or {}))
+        # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
+
+    # ------------------------------------------------------------------ helpers
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        super().train(mode)
+        self.autoencoder.eval()  # frozen parts never switch to training behaviour
+        self.text_encoder.train(mode)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(images).sample() * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents / self.scale_factor).clamp(-1, 1)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.text_encoder(captions)
+
+    @torch.no_grad()
+    def _estimate_scale_factor(self, images: torch.Tensor) -> None:
+        z = self.autoencoder.encode(images).sample()
+        std = z.float().std()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(std)
+            std /= torch.distributed.get_world_size()
+        self.scale_factor.fill_(1.0 / float(std))
+        print(f"[ldm] scale_factor estimated from the first batch: {float(self.scale_factor):.5f}")
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if float(self.scale_factor) <= 0:
+            self._estimate_scale_factor(batch["image"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, captions = batch["image"], list(batch["caption"])
+        p = self.hparams.cond_drop_prob
+        captions = ["" if random.random() < p else c for c in captions]
+        z0 = self.encode_images(images)
+        context = self.encode_text(captions)
+        noise = torch.randn_like(z0)
+        t = self.schedule.sample_timesteps(z0.shape[0], z0.device)
+        alpha, sigma = self.schedule.coefficients(t, z0.ndim)
+        z_t = alpha * z0 + sigma * noise
+        out = self.unet(z_t, t, context)
+        target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
+        loss = F.mse_loss(out.float(), target.float())
+        self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        self.ema.update(self.unet)
+        self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
+
+    def configure_optimizers(self) -> dict:
+        return adamw_with_warmup(self.unet.parameters(), self.hparams.lr, self.hparams.warmup_steps,
+                                 weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str = "", sampler: str | None = None,
+                 use_ema: bool = True, progress: bool = False, seeds: list[int] | None = None) -> torch.Tensor:
+        """Prompts -> images in [-1, 1]. Sample i uses seeds[i] (default seed + i): same seed, same image."""
+        unet = self.ema.model if use_ema else self.unet
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        f = self.autoencoder.downsample_factor
+        size = self.autoencoder.config["resolution"] // f
+        shape = (self.autoencoder.latent_channels, size, size)
+        seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = noise.to(self.device)
+        cond = self.encode_text(prompts)
+        uncond = self.encode_text([negative_prompt] * len(prompts))
+        model_fn = classifier_free_guidance(unet, cond, uncond, scale)
+        z = sample(sampler or self.hparams.sampler, model_fn, x, self.schedule, steps=steps,
+                   eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress)
+        return self.decode_latents(z)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images, captions = batch["image"], list(batch["caption"])
+        if float(self.scale_factor) <= 0:
+            self._estimate_scale_factor(images)
+        z0 = self.encode_images(images)
+        context = self.encode_text(captions)
+        g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
+        noise = torch.randn(z0.shape, generator=g).to(z0)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (z0.shape[0],), generator=g).to(z0.device)
+        alpha, sigma = self.schedule.coefficients(t, z0.ndim)
+        out = self.ema.model(alpha * z0 + sigma * noise, t, context)
+        target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
+        self.log("val/loss", F.mse_loss(out.float(), target.float()), sync_dist=True, batch_size=z0.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        prompts = self.hparams.val_prompts
+        if not prompts or self.trainer.sanity_checking:
+            return
+        # Each rank samples its share of the fixed prompt list; metrics are averaged over ranks.
+        mine = prompts[self.global_rank::self.trainer.world_size]
+        seeds = list(range(self.hparams.val_seed, self.hparams.val_seed + len(prompts)))[
+            self.global_rank::self.trainer.world_size]
+        images = self.generate(mine, seeds=seeds)
+        if self.hparams.score_shapes:
+            from ldm.data.analyze import prompt_accuracy
+
+            acc = prompt_accuracy(images.cpu(), mine)
+            n = len(mine)
+            self.log_dict({f"val/prompt_accuracy/{k}": float(v) for k, v in acc.items()}, sync_dist=True,
+                          batch_size=n)
+        if self.global_rank == 0:
+            k = min(len(mine), 16)
+            log_image(self.logger, "val/samples", make_grid(images[:k], nrow=4), self.global_step,
+                      caption=" | ".join(mine[:k]))

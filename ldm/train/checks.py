@@ -1,0 +1,53 @@
+"""Start-up checks: bad values fail before any data is read or a device is held, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ldm.diffusion.objectives import PREDICTION_TYPES
+from ldm.diffusion.samplers import SAMPLERS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_autoencoder_resolution(resolution: int, ch_mult: list[int]) -> None:
+    factor = 2 ** (len(ch_mult) - 1)
+    if resolution % factor:
+        raise ConfigError(f"data.resolution={resolution} is not divisible by the autoencoder's downsampling "
+                          f"factor {factor} (model.autoencoder.ch_mult={list(ch_mult)})")
+
+
+def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
+    module = cfg.stage.module
+    if module.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"stage.module.prediction_type={module.prediction_type!r}: choose one of {PREDICTION_TYPES}")
+    if module.sampler not in SAMPLERS:
+        raise ConfigError(f"stage.module.sampler={module.sampler!r}: choose one of {SAMPLERS}")
+    if not 0.0 <= module.cond_drop_prob < 1.0:
+        raise ConfigError(f"stage.module.cond_drop_prob={module.cond_drop_prob} must be in [0, 1)")
+    check_autoencoder_resolution(cfg.data.resolution, autoencoder_config["ch_mult"])
+    if autoencoder_config["resolution"] != cfg.data.resolution:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} differs from the autoencoder's training "
+                          f"resolution {autoencoder_config['resolution']}; set data.resolution to match")
+    latent = cfg.data.resolution // 2 ** (len(autoencoder_config["ch_mult"]) - 1)
+    unet_factor = 2 ** (len(cfg.model.unet.channel_mult) - 1)
+    if latent % unet_factor:
+        raise ConfigError(f"latent size {latent} is not divisible by the UNet's downsampling factor {unet_factor} "
+                          f"(model.unet.channel_mult={list(cfg.model.unet.channel_mult)})")
+
+
+def resolve_autoencoder_path(cfg: Any) -> Path:
+    """The export stage=ldm starts from: model.autoencoder.init_from, else paths.autoencoder."""
+    explicit = cfg.model.autoencoder.get("init_from")
+    path = Path(explicit or cfg.paths.autoencoder)
+    weights = path / "autoencoder.safetensors" if path.suffix != ".safetensors" else path
+    if not weights.exists():
+        where = "model.autoencoder.init_from" if explicit else "the default export path paths.autoencoder"
+        raise ConfigError(
+            f"stage=ldm needs a trained autoencoder, and none was found at {path} ({where}).\n"
+            f"  Train one first:      python train.py stage=vae   (it exports to {cfg.paths.autoencoder})\n"
+            f"  or point to one:      python train.py stage=ldm model.autoencoder.init_from=PATH")
+    return path

@@ -1,0 +1,140 @@
+"""Composition: config -> data, module, trainer; fit; export. train.py hands its config here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
+from ldm.train.loggers import make_logger
+from ldm.train.run_dir import find_latest_checkpoint
+
+
+def run_directory() -> Path:
+    """Hydra's run dir; DDP child ranks are relaunched by Lightning with the parent's dir pinned."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        path = Path(os.environ.get("LDM_RUN_DIR", "runs/interactive"))
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def ensure_shapes_data(cfg: DictConfig) -> None:
+    """The built-in data set is written on first use, so `python train.py` works on a fresh clone."""
+    if cfg.data.get("name") != "shapes":
+        return
+    train = Path(str(cfg.data.train_shards))
+    if train.is_dir() and any(train.glob("*.tar")):
+        return
+    from ldm.data.shapes import write_shapes
+
+    root = train.parent
+    print(f"[ldm] built-in shapes data not found under {root}; writing it (python -m ldm.data.shapes --out {root})")
+    write_shapes(root, num_train=20000, num_val=512, resolution=int(cfg.data.resolution))
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    if not cfg.get("ckpt"):
+        return None
+    if cfg.ckpt == "last":
+        found = find_latest_checkpoint(cfg.paths.runs, cfg.stage.name)
+        if found is None:
+            raise ConfigError(f"ckpt=last: no checkpoint of stage {cfg.stage.name} under {cfg.paths.runs}")
+        return str(found)
+    if not Path(cfg.ckpt).exists():
+        raise ConfigError(f"ckpt={cfg.ckpt}: no such file")
+    return str(cfg.ckpt)
+
+
+def build_module(cfg: DictConfig) -> pl.LightningModule:
+    if cfg.stage.name == "vae":
+        check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
+        return instantiate(cfg.stage.module, _convert_="all")
+    if cfg.stage.name == "ldm":
+        path = resolve_autoencoder_path(cfg)
+        config_file = (path if path.is_dir() else path.parent) / "autoencoder.json"
+        ae_config = json.loads(config_file.read_text())
+        check_ldm(cfg, ae_config)
+        extra: dict[str, Any] = {"autoencoder": ae_config, "autoencoder_path": str(path)}
+        if cfg.data.get("name") == "shapes":
+            from ldm.data.shapes import prompt_set
+
+            extra["val_prompts"] = prompt_set(int(cfg.stage.num_val_prompts), seed=cfg.seed)
+            extra["score_shapes"] = True
+        return instantiate(cfg.stage.module, _convert_="all", **extra)
+    raise ConfigError(f"stage={cfg.stage.name!r}: choose vae or ldm")
+
+
+def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
+    """Write the stage's deliverable into the run dir (and, for stage 1, the default path stage 2 reads)."""
+    if cfg.stage.name == "vae":
+        out = module.autoencoder.save_pretrained(run_dir / "export")
+        target = Path(cfg.paths.autoencoder)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # a reader sees the old or the new export, never half of one
+        print(f"[ldm] autoencoder exported to {out} and {target}")
+    else:
+        from safetensors.torch import save_file
+
+        out = run_dir / "export"
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in module.ema.model.state_dict().items()}
+        save_file(state, str(out / "unet_ema.safetensors"))
+        meta = {"unet": module.unet.config, "scale_factor": float(module.scale_factor),
+                "prediction_type": module.hparams.prediction_type, "schedule": module.hparams.schedule}
+        (out / "unet.json").write_text(json.dumps(meta, indent=2))
+        print(f"[ldm] EMA UNet exported to {out}")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training stage; returns the final logged metrics."""
+    start = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = run_directory()
+    resume = resolve_resume(cfg)
+    module = build_module(cfg)
+    ensure_shapes_data(cfg)
+    data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
+    datamodule = instantiate(data_args, _convert_="all")
+    logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
+                         run_name=f"{cfg.stage.name}-{run_dir.name}")
+    if logger is not None:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
+                        every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1,
+                        filename="step{step:07d}", auto_insert_metric_name=False),
+    ]
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
+                         logger=logger if logger is not None else False, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        export(module, cfg, run_dir)
+        elapsed = time.time() - start
+        summary = {"stage": cfg.stage.name, "run_dir": str(run_dir), "wall_seconds": round(elapsed, 1),
+                   "global_step": trainer.global_step, "metrics": metrics}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[ldm] stage={cfg.stage.name} finished in {elapsed:.0f} s; run dir {run_dir}")
+    if logger is not None and hasattr(logger, "experiment") and cfg.logger.name == "wandb":
+        import wandb
+
+        wandb.finish()
+    return metrics

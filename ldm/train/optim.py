@@ -1,0 +1,16 @@
+"""Optimizer and learning-rate schedule shared by both stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def adamw_with_warmup(params: Iterable[torch.nn.Parameter], lr: float, warmup_steps: int = 0,
+                      betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> dict:
+    """AdamW with a linear warm-up; returns Lightning's optimizer dict (scheduler stepped per batch)."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    warmup = max(int(warmup_steps), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
