@@ -16,7 +16,7 @@ from ldm.train.optim import adamw_with_warmup
 class AutoencoderModule(pl.LightningModule):
     def __init__(self, autoencoder: dict[str, Any], loss: dict[str, Any] | None = None, lr: float = 1e-4,
                  betas: tuple[float, float] = (0.5, 0.9), warmup_steps: int = 0, image_log_every: int = 500,
-                 num_log_images: int = 16):
+                 num_log_images: int = 16, score_shapes: bool = False):
         super().__init__()
         self.save_hyperparameters()
         arch = dict(autoencoder)
@@ -48,6 +48,11 @@ class AutoencoderModule(pl.LightningModule):
         mse = torch.mean((x - recon) ** 2, dim=(1, 2, 3))
         psnr = (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean()  # data range 2 for [-1, 1]
         metrics = {"val/l1": logs["l1"], "val/lpips": logs["lpips"], "val/kl": logs["kl"], "val/psnr": psnr}
+        if self.hparams.score_shapes:  # built-in data: do reconstructions keep colours and shape type?
+            from ldm.data.analyze import prompt_accuracy
+
+            acc = prompt_accuracy(recon.detach().float().cpu(), list(batch["caption"]))
+            metrics.update({f"val/recon_accuracy/{k}": torch.tensor(v) for k, v in acc.items()})
         self.log_dict(metrics, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0 and self.global_rank == 0:
             self._log_reconstructions(x, recon, "val/reconstructions")

@@ -60,7 +60,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
 def build_module(cfg: DictConfig) -> pl.LightningModule:
     if cfg.stage.name == "vae":
         check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
-        return instantiate(cfg.stage.module, _convert_="all")
+        return instantiate(cfg.stage.module, _convert_="all", score_shapes=cfg.data.get("name") == "shapes")
     if cfg.stage.name == "ldm":
         path = resolve_autoencoder_path(cfg)
         config_file = (path if path.is_dir() else path.parent) / "autoencoder.json"

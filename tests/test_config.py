@@ -1,0 +1,65 @@
+"""Config composition and start-up checks."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
+
+from .conftest import ROOT
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_default_is_stage_vae_on_shapes():
+    cfg = compose_train()
+    assert cfg.stage.name == "vae"
+    assert cfg.data.name == "shapes"
+    assert cfg.stage.module._target_ == "ldm.autoencoder.module.AutoencoderModule"
+    assert cfg.stage.module.autoencoder.resolution == cfg.data.resolution
+    assert cfg.trainer.max_steps > 0
+    OmegaConf.to_container(cfg.stage.module, resolve=True)  # everything resolves
+
+
+def test_stage_ldm_composes_with_presets():
+    cfg = compose_train("stage=ldm", "model/unet=sd15", "model/text_encoder=openclip_vit_h14")
+    assert cfg.stage.name == "ldm"
+    assert cfg.stage.module.unet.model_channels == 320
+    assert cfg.stage.module.text_encoder.model_name == "ViT-H-14"
+    assert cfg.stage.module.prediction_type == "epsilon"
+    assert cfg.trainer.max_steps != compose_train().trainer.max_steps  # the stage sets its own length
+
+
+def test_overrides_reach_the_module():
+    cfg = compose_train("stage=ldm", "stage.module.guidance_scale=5.0", "data.resolution=64")
+    assert cfg.stage.module.guidance_scale == 5.0
+    assert cfg.stage.module.autoencoder.resolution == 64
+
+
+def test_resolution_not_divisible_by_factor():
+    with pytest.raises(ConfigError, match="data.resolution=30"):
+        check_autoencoder_resolution(30, [1, 2, 2])
+
+
+def test_ldm_checks_name_the_key():
+    cfg = compose_train("stage=ldm", "stage.module.sampler=plms")
+    ae = {"ch_mult": [1, 2, 2], "resolution": 32}
+    with pytest.raises(ConfigError, match="stage.module.sampler"):
+        check_ldm(cfg, ae)
+    cfg = compose_train("stage=ldm", "stage.module.prediction_type=x0")
+    with pytest.raises(ConfigError, match="prediction_type"):
+        check_ldm(cfg, ae)
+    cfg = compose_train("stage=ldm")
+    with pytest.raises(ConfigError, match="differs from the autoencoder"):
+        check_ldm(cfg, {"ch_mult": [1, 2, 2], "resolution": 64})
+
+
+def test_missing_autoencoder_message(tmp_path):
+    cfg = compose_train("stage=ldm", f"paths.exports={tmp_path}/exports")
+    with pytest.raises(ConfigError) as err:
+        resolve_autoencoder_path(cfg)
+    assert "python train.py stage=vae" in str(err.value)
+    assert "model.autoencoder.init_from" in str(err.value)

@@ -1,0 +1,104 @@
+"""Autoencoder, LPIPS, UNet and text encoder: shapes, export round trips, determinism."""
+
+import pytest
+import torch
+
+from ldm.autoencoder.loss import VAELoss
+from ldm.autoencoder.lpips import LPIPS
+from ldm.autoencoder.model import AutoencoderKL
+from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
+from ldm.diffusion.unet import UNetModel, unet_preset
+
+TINY_AE = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, resolution=16, attn_resolutions=[8])
+
+
+def test_autoencoder_shapes_and_kl():
+    ae = AutoencoderKL(**TINY_AE)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = ae.encode(x)
+    assert posterior.mean.shape == (2, 4, 4, 4)
+    assert ae.downsample_factor == 4
+    recon, post = ae(x)
+    assert recon.shape == x.shape
+    kl = post.kl()
+    assert kl.shape == (2,) and torch.all(kl >= 0)
+
+
+def test_autoencoder_export_round_trip(tmp_path):
+    torch.manual_seed(0)
+    ae = AutoencoderKL(**TINY_AE)
+    ae.save_pretrained(tmp_path / "ae")
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "ae")
+    assert loaded.config == ae.config
+    x = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(loaded.encode(x).mean, ae.encode(x).mean)
+    with pytest.raises(FileNotFoundError, match="no autoencoder weights"):
+        AutoencoderKL.from_pretrained(tmp_path / "missing")
+
+
+def test_vae_loss_terms_and_gradients():
+    ae = AutoencoderKL(**TINY_AE)
+    loss_fn = VAELoss(perceptual_weight=1.0, kl_weight=1e-6)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, post = ae(x)
+    loss, logs = loss_fn(x, recon, post)
+    assert set(logs) >= {"l1", "lpips", "kl", "nll", "logvar"}
+    assert logs["lpips"] > 0
+    loss.backward()
+    assert ae.decoder.conv_out.weight.grad is not None
+    assert loss_fn.logvar.grad is not None
+    assert all(p.grad is None for p in loss_fn.lpips.parameters())  # LPIPS stays frozen
+
+
+def test_lpips_is_zero_on_identical_images_and_positive_otherwise():
+    lp = LPIPS(pretrained=False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(lp(x, x), torch.zeros(2), atol=1e-6)
+    assert torch.all(lp(x, -x) > 0)
+
+
+@pytest.mark.parametrize("heads", [dict(num_heads=2), dict(num_head_channels=16)])
+@pytest.mark.parametrize("linear", [False, True])
+def test_unet_output_shape(heads, linear):
+    unet = UNetModel(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                     attention_resolutions=[1, 2], context_dim=24, use_linear_in_transformer=linear, **heads)
+    x = torch.randn(2, 4, 8, 8)
+    out = unet(x, torch.tensor([1, 500]), torch.randn(2, 5, 24))
+    assert out.shape == x.shape
+
+
+def test_unet_context_changes_output_and_checkpointing_matches():
+    torch.manual_seed(0)
+    unet = unet_preset("tiny", in_channels=4, out_channels=4)
+    for p in unet.parameters():  # zero-initialized output layers would hide the context's effect
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+    c1, c2 = torch.randn(1, 7, 64), torch.randn(1, 7, 64)
+    assert not torch.allclose(unet(x, t, c1), unet(x, t, c2))
+    ckpt = unet_preset("tiny", in_channels=4, out_channels=4, use_checkpoint=True)
+    ckpt.load_state_dict(unet.state_dict())
+    ckpt.train()
+    unet.train()
+    torch.testing.assert_close(ckpt(x, t, c1), unet(x, t, c1))
+
+
+def test_unet_rejects_ambiguous_heads():
+    with pytest.raises(ValueError, match="num_heads"):
+        UNetModel(model_channels=32, channel_mult=[1], num_heads=2, num_head_channels=16)
+
+
+def test_text_encoder_deterministic_frozen_and_prompt_sensitive():
+    a = OpenCLIPTextEncoder(width=32, heads=2, layers=1)
+    b = OpenCLIPTextEncoder(width=32, heads=2, layers=1)
+    prompts = ["a red circle on a blue background", "a blue circle on a red background"]
+    ea, eb = a(prompts), b(prompts)
+    assert ea.shape == (2, 77, 32)
+    torch.testing.assert_close(ea, eb)  # same random tower in every process
+    assert not torch.allclose(ea[0], ea[1])
+    assert not any(p.requires_grad for p in a.parameters())
+    a.train()
+    assert not a.training
+    pen = OpenCLIPTextEncoder(width=32, heads=2, layers=2, layer="penultimate")
+    assert pen(prompts).shape == (2, 77, 32)
+    with pytest.raises(ValueError, match="layer"):
+        OpenCLIPTextEncoder(layer="middle")
