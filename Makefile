@@ -32,7 +32,7 @@ sample:
 train: data
 	$(BIN)/python train.py stage=vae
 	$(BIN)/python train.py stage=ldm
-	$(BIN)/python sample.py
+	$(BIN)/python sample.py shapes_prompts=64 out=samples/make-train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -19,4 +19,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from ldm.train.ddp import apply_pinned_argv
+
+    apply_pinned_argv()
     main()

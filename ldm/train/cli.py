@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
+from ldm.train.ddp import pin_run_dir_for_children
 from ldm.train.loggers import make_logger
 from ldm.train.run_dir import find_latest_checkpoint
 
@@ -124,6 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
                          logger=logger if logger is not None else False, callbacks=callbacks)
+    pin_run_dir_for_children(run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:

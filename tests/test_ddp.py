@@ -1,0 +1,29 @@
+"""Two CPU ranks (gloo): both run, and both write into the one Hydra run directory, also under -m."""
+
+import pytest
+
+from .conftest import run_script
+from .test_end_to_end import TINY
+
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2",
+       "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_ddp_ranks_share_the_run_dir(tmp_path, tiny_shapes, multirun):
+    data = [f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val"]
+    args = ["stage=vae", *TINY, *data, *DDP, "paths.runs=runs", "paths.exports=exports"]
+    if multirun:
+        args = ["-m", *args, "seed=3"]
+    run_script("train.py", *args, cwd=tmp_path)
+    if multirun:
+        jobs = list((tmp_path / "runs" / "multirun").glob("*/*/"))
+        assert len(jobs) == 1, jobs  # the child rank did not start a sweep of its own
+        run_dir = jobs[0]
+    else:
+        runs = list((tmp_path / "runs" / "vae").iterdir())
+        assert len(runs) == 1, runs
+        run_dir = runs[0]
+    assert (run_dir / "train_rank1.log").exists()  # rank 1's Hydra job log sits beside rank 0's
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "exports" / "autoencoder" / "autoencoder.safetensors").exists()
