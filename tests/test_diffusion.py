@@ -96,3 +96,12 @@ def test_ema_warmup_and_update():
         ema.update(net)
     assert ema.current_decay() == pytest.approx(0.9)
     assert not ema.model.weight.requires_grad
+
+
+def test_min_snr_weight():
+    from ldm.diffusion.weighting import min_snr_weight
+
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    torch.testing.assert_close(min_snr_weight(snr, None, "epsilon"), torch.ones(3))

@@ -43,8 +43,10 @@ def test_vae_then_ldm_then_sample(workdir):
 
     run_script("train.py", "stage=ldm", *common, "trainer.max_steps=4", "trainer.val_check_interval=4",
                "stage.num_val_prompts=4", "stage.module.num_inference_steps=3", cwd=work)
-    ldm_run = next((work / "runs" / "ldm").iterdir())
-    summary = json.loads((ldm_run / "summary.json").read_text())
+    finished = list((work / "runs" / "ldm").glob("*/summary.json"))  # the failed start above left a dir too
+    assert len(finished) == 1
+    ldm_run = finished[0].parent
+    summary = json.loads(finished[0].read_text())
     assert summary["global_step"] == 4
     assert "val/prompt_accuracy/all" in summary["metrics"]
     meta = json.loads((ldm_run / "export" / "unet.json").read_text())

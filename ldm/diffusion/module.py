@@ -16,6 +16,7 @@ from ldm.diffusion.objectives import check_prediction_type, training_target
 from ldm.diffusion.samplers import classifier_free_guidance, sample
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.unet import UNetModel
+from ldm.diffusion.weighting import min_snr_weight
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
 
@@ -24,7 +25,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def __init__(self, unet: dict[str, Any], text_encoder: dict[str, Any], autoencoder: dict[str, Any],
                  autoencoder_path: str | None = None, schedule: dict[str, Any] | None = None,
                  prediction_type: str = "epsilon", scale_factor: float | None = None,
-                 cond_drop_prob: float = 0.1, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 cond_drop_prob: float = 0.1, snr_gamma: float | None = None, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False):
@@ -93,8 +94,11 @@ class LatentDiffusionModule(pl.LightningModule):
         z_t = alpha * z0 + sigma * noise
         out = self.unet(z_t, t, context)
         target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
-        loss = F.mse_loss(out.float(), target.float())
+        per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        snr = (alpha / sigma).flatten().float() ** 2
+        loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        self.log("train/mse", per_sample.mean().detach(), batch_size=z0.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:

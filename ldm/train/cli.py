@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ld
 from ldm.train.ddp import pin_run_dir_for_children
 from ldm.train.loggers import make_logger
 from ldm.train.run_dir import find_latest_checkpoint
+
+# Frozen parts (autoencoder, text encoder, EMA copy) are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def run_directory() -> Path:
@@ -127,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          logger=logger if logger is not None else False, callbacks=callbacks)
     pin_run_dir_for_children(run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if trainer.limit_val_batches and not trainer.interrupted:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics for summary.json
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         export(module, cfg, run_dir)
