@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm.diffusion.samplers import SAMPLERS
 from ldm.train.checks import ConfigError
 from ldm.train.images import make_grid, to_uint8
 from ldm.train.run_dir import find_latest_checkpoint
@@ -51,8 +53,8 @@ def load_module(path: Path, device: torch.device):
 
 
 def run_sampling(cfg: Any) -> dict[str, Any]:
-    if cfg.sampler not in ("ddim",):
-        raise ConfigError(f"sampler={cfg.sampler!r}: choose one of ('ddim',)")
+    if cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={cfg.sampler!r}: choose one of {SAMPLERS}")
     if int(cfg.steps) < 1 or int(cfg.num_images) < 1:
         raise ConfigError("steps and num_images must be >= 1")
     ckpt = resolve_checkpoint(cfg.ckpt, cfg.paths.runs)
@@ -73,8 +75,6 @@ def run_sampling(cfg: Any) -> dict[str, Any]:
                                 guidance_scale=guidance, negative_prompt=cfg.negative_prompt, sampler=cfg.sampler,
                                 use_ema=bool(cfg.use_ema)).cpu()
         for (prompt, seed), arr, img in zip(chunk, to_uint8(batch), batch, strict=True):
-            from PIL import Image
-
             name = f"{len(records):05d}.png"
             Image.fromarray(arr).save(out / name)
             records.append({"file": name, "prompt": prompt, "seed": seed, "steps": int(cfg.steps),
