@@ -7,7 +7,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
@@ -88,18 +87,21 @@ class LatentDiffusionModule(pl.LightningModule):
         captions = ["" if random.random() < p else c for c in captions]
         z0 = self.encode_images(images)
         context = self.encode_text(captions)
-        noise = torch.randn_like(z0)
         t = self.schedule.sample_timesteps(z0.shape[0], z0.device)
-        alpha, sigma = self.schedule.coefficients(t, z0.ndim)
-        z_t = alpha * z0 + sigma * noise
-        out = self.unet(z_t, t, context)
-        target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
-        per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-        snr = (alpha / sigma).flatten().float() ** 2
+        per_sample, snr = self.denoising_error(self.unet, z0, torch.randn_like(z0), t, context)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("train/mse", per_sample.mean().detach(), batch_size=z0.shape[0])
         return loss
+
+    def denoising_error(self, unet: torch.nn.Module, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                        context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample squared error of `unet` against the objective's target at timesteps t, and the SNR."""
+        alpha, sigma = self.schedule.coefficients(t, z0.ndim)
+        out = unet(self.schedule.add_noise(z0, noise, t), t, context)
+        target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
+        per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        return per_sample, (alpha / sigma).flatten().float() ** 2
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         self.ema.update(self.unet)
@@ -141,10 +143,8 @@ class LatentDiffusionModule(pl.LightningModule):
         g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
         noise = torch.randn(z0.shape, generator=g).to(z0)
         t = torch.randint(0, self.schedule.num_train_timesteps, (z0.shape[0],), generator=g).to(z0.device)
-        alpha, sigma = self.schedule.coefficients(t, z0.ndim)
-        out = self.ema.model(alpha * z0 + sigma * noise, t, context)
-        target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
-        self.log("val/loss", F.mse_loss(out.float(), target.float()), sync_dist=True, batch_size=z0.shape[0])
+        per_sample, _ = self.denoising_error(self.ema.model, z0, noise, t, context)
+        self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=z0.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         prompts = self.hparams.val_prompts
