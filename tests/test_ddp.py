@@ -1,4 +1,9 @@
-"""Two CPU ranks (gloo): both run, and both write into the one Hydra run directory, also under -m."""
+"""Two CPU ranks (gloo): both run, and both write into the one Hydra run directory, also under -m.
+
+stage=vae runs with the discriminator active from the first step, so both optimizers step under DDP.
+"""
+
+import json
 
 import pytest
 
@@ -12,7 +17,8 @@ DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "
 @pytest.mark.parametrize("multirun", [False, True])
 def test_ddp_ranks_share_the_run_dir(tmp_path, tiny_shapes, multirun):
     data = [f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val"]
-    args = ["stage=vae", *TINY, *data, *DDP, "paths.runs=runs", "paths.exports=exports"]
+    args = ["stage=vae", *TINY, *data, *DDP, "paths.runs=runs", "paths.exports=exports",
+            "stage.module.loss.disc_start=0", "stage.module.loss.disc_num_layers=1"]
     if multirun:
         args = ["-m", *args, "seed=3"]
     run_script("train.py", *args, cwd=tmp_path)
@@ -27,3 +33,7 @@ def test_ddp_ranks_share_the_run_dir(tmp_path, tiny_shapes, multirun):
     assert (run_dir / "train_rank1.log").exists()  # rank 1's Hydra job log sits beside rank 0's
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "exports" / "autoencoder" / "autoencoder.safetensors").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Both ranks stepped the autoencoder and the discriminator optimizer once per batch, the same number of times.
+    assert summary["optimizer_steps_per_rank"] == [[2, 2], [2, 2]], summary
+    assert summary["global_step"] == 2

@@ -1,7 +1,14 @@
-"""Stage 1 LightningModule: trains AutoencoderKL with the VAE loss; logs reconstructions."""
+"""Stage 1 LightningModule: the autoencoder and its patch-GAN discriminator, trained with manual optimization.
+
+One batch = one autoencoder step, then (after `disc_start`) one discriminator step. Only the autoencoder's
+step counts towards `trainer.global_step`, so `max_steps`, `val_check_interval` and `disc_start` all mean
+autoencoder updates (Lightning otherwise counts every optimizer's step, Lightning issue #17958).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,45 +16,113 @@ import torch
 
 from ldm.autoencoder.loss import VAELoss
 from ldm.autoencoder.model import AutoencoderKL
+from ldm.metrics.reconstruction import ReconstructionMetrics
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
 
+# Frozen networks rebuilt from their own weights (LPIPS's VGG, FID's Inception): kept out of checkpoints.
+_FROZEN_PREFIXES = ("loss.lpips.", "val_metrics.")
+
+
+@contextlib.contextmanager
+def _uncounted(optimizer: Any) -> Iterator[None]:
+    """Step a LightningOptimizer without advancing the trainer's step counter."""
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    try:
+        yield
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after
+
 
 class AutoencoderModule(pl.LightningModule):
-    def __init__(self, autoencoder: dict[str, Any], loss: dict[str, Any] | None = None, lr: float = 1e-4,
-                 betas: tuple[float, float] = (0.5, 0.9), warmup_steps: int = 0, image_log_every: int = 500,
-                 num_log_images: int = 16, score_shapes: bool = False):
+    def __init__(self, autoencoder: dict[str, Any], loss: dict[str, Any] | None = None, lr: float = 4.5e-6,
+                 disc_lr: float | None = None, betas: tuple[float, float] = (0.5, 0.9), warmup_steps: int = 0,
+                 grad_clip: float | None = None, image_log_every: int = 500, num_log_images: int = 16,
+                 metrics: dict[str, Any] | None = None, fp16_upcast: bool = True, score_shapes: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        self.automatic_optimization = False
         arch = dict(autoencoder)
         init_from = arch.pop("init_from", None)
-        if init_from:
-            self.autoencoder = AutoencoderKL.from_pretrained(init_from)
-        else:
-            self.autoencoder = AutoencoderKL(**arch)
+        self.autoencoder = AutoencoderKL.from_pretrained(init_from, **arch) if init_from else AutoencoderKL(**arch)
         self.loss = VAELoss(**(loss or {}))
+        metrics = dict(metrics or {})
+        self.val_metrics = ReconstructionMetrics(fid=metrics.get("fid"), lpips=self.loss.lpips,
+                                                 lpips_pretrained=(loss or {}).get("lpips_pretrained", False),
+                                                 lpips_weights_path=(loss or {}).get("lpips_weights_path"))
+        # Steps taken by (autoencoder, discriminator) on this rank; a plain list, not a buffer, because DDP would
+        # overwrite buffers with rank 0's. Saved in checkpoints; train() reports every rank's in summary.json.
+        self.optimizer_steps = [0, 0]
+
+    # ------------------------------------------------------------------ forward
+    def _fp16_guard(self) -> contextlib.AbstractContextManager:
+        """Under 16-mixed, run the autoencoder in float32: SD-style VAEs overflow fp16 (see bench/fp16_overflow.py)."""
+        if self.hparams.fp16_upcast and torch.is_autocast_enabled(self.device.type) and \
+                torch.get_autocast_dtype(self.device.type) == torch.float16:
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    def reconstruct(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, Any]:
+        with self._fp16_guard():
+            return self.autoencoder(x.float() if self.hparams.fp16_upcast else x, sample_posterior=sample_posterior)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder(x, sample_posterior=False)[0]
+        return self.reconstruct(x, sample_posterior=False)[0]
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def _grad_scale(self) -> torch.Tensor | float:
+        scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
+        scale = getattr(scaler, "_scale", None)
+        return scale if scale is not None else 1.0
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
-        recon, posterior = self.autoencoder(x)
-        loss, logs = self.loss(x, recon, posterior)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
-        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
-        if self.global_rank == 0 and self.hparams.image_log_every and \
-                self.global_step % self.hparams.image_log_every == 0:
-            self._log_reconstructions(x, recon, "train/reconstructions")
-        return loss
+        step = self.global_step
+        opt_ae, opt_disc = self.optimizers()
+        sched_ae, sched_disc = self.lr_schedulers()
 
+        self.toggle_optimizer(opt_ae)  # discriminator frozen: its weights get no gradient from the generator loss
+        recon, posterior = self.reconstruct(x)
+        g_loss, logs = self.loss.generator(x, recon, posterior, step, self.autoencoder.last_layer_weight(),
+                                           self._grad_scale())
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_ae.step()
+        sched_ae.step()
+        self.untoggle_optimizer(opt_ae)
+        self.optimizer_steps[0] += 1
+
+        if self.loss.disc_active(step):
+            self.toggle_optimizer(opt_disc)
+            d_loss, d_logs = self.loss.discriminator_loss(x, recon.detach(), step)
+            opt_disc.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            with _uncounted(opt_disc):
+                opt_disc.step()
+            sched_disc.step()
+            self.untoggle_optimizer(opt_disc)
+            self.optimizer_steps[1] += 1
+            logs.update(d_logs)
+
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=x.shape[0])
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+        every = self.hparams.image_log_every
+        if self.global_rank == 0 and every and step % every == 0:
+            self._log_reconstructions(x, recon, "train/reconstructions")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Runs after AMP unscaling, so the clip threshold is in true gradient units.
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+
+    # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
-        recon, posterior = self.autoencoder(x, sample_posterior=False)
-        _, logs = self.loss(x, recon, posterior)
-        mse = torch.mean((x - recon) ** 2, dim=(1, 2, 3))
-        psnr = (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean()  # data range 2 for [-1, 1]
-        metrics = {"val/l1": logs["l1"], "val/lpips": logs["lpips"], "val/kl": logs["kl"], "val/psnr": psnr}
+        recon, posterior = self.reconstruct(x, sample_posterior=False)
+        _, _, logs = self.loss.reconstruction(x, recon, posterior)
+        self.val_metrics.update(x, recon)
+        metrics = {"val/l1": logs["l1"], "val/kl": logs["kl"]}
         if self.hparams.score_shapes:  # built-in data: do reconstructions keep colours and shape type?
             from ldm.data.analyze import prompt_accuracy
 
@@ -57,23 +132,37 @@ class AutoencoderModule(pl.LightningModule):
         if batch_idx == 0 and self.global_rank == 0:
             self._log_reconstructions(x, recon, "val/reconstructions")
 
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()  # torchmetrics syncs the states across ranks here
+        self.log_dict({f"val/{k}": v for k, v in values.items()})
+        self.val_metrics.reset()
+
     def _log_reconstructions(self, x: torch.Tensor, recon: torch.Tensor, key: str) -> None:
         n = self.hparams.num_log_images
         grid = make_grid(torch.cat([x[:n], recon[:n].detach()]), nrow=min(n, x.shape[0]))
         log_image(self.logger, key, grid, self.global_step, caption="top: inputs, bottom: reconstructions")
 
-    # The frozen LPIPS network is rebuilt from its own weights: keep its ~60 MB out of every checkpoint.
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["optimizer_steps"] = list(self.optimizer_steps)
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("loss.lpips.")]:
+        for key in [k for k in state if k.startswith(_FROZEN_PREFIXES)]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.optimizer_steps = list(checkpoint.get("optimizer_steps", self.optimizer_steps))
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
-            if key.startswith("loss.lpips."):
+            if key.startswith(_FROZEN_PREFIXES):
                 state.setdefault(key, value)
 
-    def configure_optimizers(self) -> dict:
-        params = list(self.autoencoder.parameters()) + [self.loss.logvar]
-        return adamw_with_warmup(params, self.hparams.lr, self.hparams.warmup_steps, self.hparams.betas)
+    def configure_optimizers(self) -> list[dict]:
+        hp = self.hparams
+        # GradScaler cannot unscale for fused AdamW, and clipping needs unscaled gradients.
+        fused = None if not (hp.grad_clip and self.trainer is not None and
+                             str(self.trainer.precision).startswith("16")) else False
+        ae_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
+        ae = adamw_with_warmup(ae_params, hp.lr, hp.warmup_steps, hp.betas, fused=fused, name="lr/autoencoder")
+        disc = adamw_with_warmup(self.loss.discriminator.parameters(), hp.disc_lr or hp.lr, hp.warmup_steps,
+                                 hp.betas, fused=fused, name="lr/discriminator")
+        return [ae, disc]

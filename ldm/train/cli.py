@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -66,7 +67,10 @@ def resolve_resume(cfg: DictConfig) -> str | None:
 def build_module(cfg: DictConfig) -> pl.LightningModule:
     if cfg.stage.name == "vae":
         check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
-        return instantiate(cfg.stage.module, _convert_="all", score_shapes=cfg.data.get("name") == "shapes")
+        extra = {"score_shapes": cfg.data.get("name") == "shapes"}
+        if cfg.trainer.get("gradient_clip_val") and not cfg.stage.module.get("grad_clip"):
+            extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
+        return instantiate(cfg.stage.module, _convert_="all", **extra)
     if cfg.stage.name == "ldm":
         path = resolve_autoencoder_path(cfg)
         config_file = (path if path.is_dir() else path.parent) / "autoencoder.json"
@@ -107,6 +111,15 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         print(f"[ldm] EMA UNet exported to {out}")
 
 
+def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
+    """Every rank's count of steps per optimizer (modules that keep `optimizer_steps`): proof that ranks agree."""
+    counts = getattr(module, "optimizer_steps", None)
+    if counts is None or trainer.interrupted:
+        return None
+    gathered = trainer.strategy.all_gather(torch.tensor(counts, device=module.device))
+    return gathered.view(-1, len(counts)).cpu().tolist()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training stage; returns the final logged metrics."""
     start = time.time()
@@ -128,10 +141,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(run_dir),
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not module.automatic_optimization:
+        trainer_args.pop("gradient_clip_val", None)  # Lightning refuses it; the module clips (see build_module)
+        if trainer_args.get("strategy") == "ddp":
+            # Each backward touches only one optimizer's parameters (autoencoder or discriminator).
+            trainer_args["strategy"] = "ddp_find_unused_parameters_true"
+    trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir),
                          logger=logger if logger is not None else False, callbacks=callbacks)
     pin_run_dir_for_children(run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    steps_per_rank = optimizer_steps_per_rank(trainer, module)
     if trainer.limit_val_batches and not trainer.interrupted:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics for summary.json
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -140,6 +160,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         elapsed = time.time() - start
         summary = {"stage": cfg.stage.name, "run_dir": str(run_dir), "wall_seconds": round(elapsed, 1),
                    "global_step": trainer.global_step, "metrics": metrics}
+        if steps_per_rank is not None:
+            summary["optimizer_steps_per_rank"] = steps_per_rank
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"[ldm] stage={cfg.stage.name} finished in {elapsed:.0f} s; run dir {run_dir}")
     if logger is not None and hasattr(logger, "experiment") and cfg.logger.name == "wandb":
