@@ -10,21 +10,26 @@ from ldm.nn.norm import group_norm
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    """norm-SiLU-conv twice plus a (1x1-projected when widths differ) skip: CompVis `ResnetBlock`, no temb."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
+        h = F.silu(self.norm2(h))
+        if self.dropout.p > 0 and self.training:
+            h = self.dropout(h)
+        h = self.conv2(h)
+        # in place: conv backward needs its input, not its output, so this saves an allocation safely
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class Downsample(nn.Module):
@@ -38,10 +43,20 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Per kernel axis: nearest 2x upsampling then a 3-tap conv equals a stride-2 transposed conv with 4 taps,
+# tap t = [w2, w1 + w2, w0 + w1, w0][t] (even outputs see rows i-1, i; odd ones rows i, i+1).
+_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
 class Upsample(nn.Module):
+    """Nearest 2x upsampling + 3x3 conv (the reference's parameters), computed as one stride-2 transposed
+    conv with folded 4x4 weights: same function, 16/36 of the multiply-adds and no upsampled copy."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        taps = _UPSAMPLE_TAPS.to(device=x.device, dtype=self.conv.weight.dtype)
+        kernel = torch.einsum("th,oihw,uw->iotu", taps, self.conv.weight, taps)  # [in, out, 4, 4]
+        return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)

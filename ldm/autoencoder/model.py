@@ -23,18 +23,20 @@ class AutoencoderKL(nn.Module):
     def __init__(self, *, embed_dim: int = 4, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (), dropout: float = 0.0,
                  in_channels: int = 3, out_ch: int = 3, resolution: int = 256, z_channels: int = 4,
-                 double_z: bool = True):
+                 double_z: bool = True, norm_num_groups: int = 32):
         super().__init__()
         self.config: dict[str, Any] = dict(
             embed_dim=embed_dim, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
             attn_resolutions=list(attn_resolutions), dropout=dropout, in_channels=in_channels, out_ch=out_ch,
-            resolution=resolution, z_channels=z_channels, double_z=double_z)
+            resolution=resolution, z_channels=z_channels, double_z=double_z, norm_num_groups=norm_num_groups)
         arch = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
-                    dropout=dropout, resolution=resolution, z_channels=z_channels)
+                    dropout=dropout, resolution=resolution, z_channels=z_channels, groups=norm_num_groups)
         self.encoder = Encoder(in_channels=in_channels, double_z=double_z, **arch)
         self.decoder = Decoder(out_ch=out_ch, **arch)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        # Latent scale a loaded diffusers config declared (SD: 0.18215); None when the source said nothing.
+        self.scaling_factor: float | None = None
 
     @property
     def downsample_factor(self) -> int:
@@ -59,22 +61,56 @@ class AutoencoderKL(nn.Module):
         """The decoder's output conv weight, where the adaptive GAN weight measures gradient norms."""
         return self.decoder.conv_out.weight
 
-    # ---- export / import of our own format: safetensors weights + JSON config -----------------
-    def save_pretrained(self, directory: str | Path) -> Path:
+    # ---- export / import ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, format: str = "ldm", **kwargs: Any) -> Path:
+        """Export the weights; `format` picks the layout, so one call serves stage 2 and outside tools.
+
+        - "ldm" (default): `directory/autoencoder.safetensors` + `autoencoder.json` (our config).
+        - "diffusers": `directory/config.json` + `diffusion_pytorch_model.safetensors`, loadable by
+          `diffusers.AutoencoderKL.from_pretrained`; kwargs: scaling_factor, dtype.
+        - "compvis": `directory` is the file to write, `.safetensors` or `.ckpt` ({"state_dict": ...}),
+          CompVis keys; kwargs: prefix ("first_stage_model." for an SD-checkpoint layout), dtype.
+        Every file is written to a temporary name and renamed into place.
+        """
+        if format != "ldm":
+            from ldm.checkpoints import autoencoder as ckpt
+
+            savers = {"diffusers": ckpt.save_diffusers, "compvis": ckpt.save_compvis}
+            if format not in savers:
+                raise ValueError(f"unknown autoencoder export format {format!r}: ldm | diffusers | compvis")
+            return savers[format](self, directory, **kwargs)
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
+        for name, write in ((WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp))),
+                            (CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(self.config, indent=2)))):
+            tmp = directory / (name + ".tmp")
+            write(tmp)
+            tmp.replace(directory / name)
         return directory
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **arch: Any) -> AutoencoderKL:
-        """Load an export written by `save_pretrained` (a directory or its .safetensors file)."""
+        """Load weights from any layout Stable Diffusion users have, told apart by what `path` holds:
+
+        - our export (a folder with autoencoder.safetensors [+ autoencoder.json], or that file);
+        - a diffusers folder (config.json + diffusion_pytorch_model.safetensors), or a pipeline folder
+          with `vae/`; the config's scaling_factor is kept as `model.scaling_factor`;
+        - a CompVis `.ckpt` / `.safetensors`: a whole SD checkpoint (`first_stage_model.*`) or VAE-only;
+          the architecture is read off the tensor shapes.
+        `arch` overrides ddconfig keys. Pickles are loaded with `weights_only=True` only.
+        """
+        from ldm.checkpoints.autoencoder import load_autoencoder
+
+        loaded = load_autoencoder(path, **arch)
+        loaded.model.scaling_factor = loaded.scaling_factor
+        return loaded.model
+
+    @classmethod
+    def _from_ldm_export(cls, path: str | Path, **arch: Any) -> AutoencoderKL:
+        """Our own export: config from autoencoder.json (updated by `arch`), weights loaded strictly."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -85,5 +121,8 @@ class AutoencoderKL(nn.Module):
         config = json.loads((directory / CONFIG_NAME).read_text()) if (directory / CONFIG_NAME).exists() else {}
         config.update(arch)
         model = cls(**config)
-        model.load_state_dict(load_file(str(weights)))
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except RuntimeError as err:
+            raise RuntimeError(f"{weights}: {err}") from err
         return model

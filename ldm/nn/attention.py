@@ -46,18 +46,22 @@ class CrossAttention(nn.Module):
 class SpatialSelfAttention(nn.Module):
     """Single-head self-attention over pixels, the autoencoder's mid-block attention (CompVis AttnBlock)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The 1x1-conv parameters (CompVis names and shapes) run as one fused q|k|v matmul on [b, n, c]
+        # tokens, so SDPA gets unit-stride heads and can take its fused kernel instead of the math path.
         b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(y), self.k(y), self.v(y)))
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * c, c)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        out = F.linear(out, self.proj_out.weight.view(c, c), self.proj_out.bias)
+        return x + out.transpose(1, 2).view(b, c, h, w)
