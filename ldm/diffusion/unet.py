@@ -5,7 +5,9 @@ Sections in reading order: blocks, transformer, model, presets.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,12 @@ class TimestepBlock(nn.Module):
 
 
 class ResBlock(TimestepBlock):
+    """CompVis ResBlock: GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-(dropout)-conv.
+
+    The forward calls the submodules itself so it can skip p=0 dropout and work in place on
+    intermediates that autograd does not keep (conv outputs, GroupNorm outputs).
+    """
+
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0):
         super().__init__()
         out_channels = out_channels or channels
@@ -36,9 +44,14 @@ class ResBlock(TimestepBlock):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        return self.skip_connection(x) + self.out_layers(h)
+        norm1, _, conv1 = self.in_layers
+        norm2, _, drop, conv2 = self.out_layers
+        h = conv1(F.silu(norm1(x), inplace=True))
+        h += self.emb_layers[1](F.silu(emb))[:, :, None, None].to(h.dtype)
+        h = F.silu(norm2(h), inplace=True)
+        if drop.p and self.training:
+            h = drop(h)
+        return conv2(h).add_(self.skip_connection(x))
 
 
 class Downsample(nn.Module):
@@ -50,13 +63,48 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) -> (4*O, I, 2, 2): the 3x3 kernel seen by each of the four nearest-upsampled pixel phases.
+
+    Along one axis, output pixel 2i reads input pixels (i-1, i, i) and 2i+1 reads (i, i, i+1), so
+    phase 0 has taps (w0, w1+w2) on offsets (-1, 0) and phase 1 has (w0+w1, w2) on offsets (0, +1).
+    """
+    def split(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, c = w.unbind(dim)
+        return torch.stack([a, b + c], dim), torch.stack([a + b, c], dim)
+
+    rows = split(weight, 2)
+    return torch.cat([k for r in rows for k in split(r, 3)], 0)  # phases (row, col) = 00, 01, 10, 11
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)), computed at the input resolution with 2x2 phase kernels.
+
+    Same function, 16 instead of 36 multiply-adds per input pixel and channel pair, and the 4x larger
+    upsampled map is never materialised before the convolution.
+    """
+    n, _, h, w = x.shape
+    out = weight.shape[0]
+    y = F.conv2d(x, _phase_kernels(weight), None if bias is None else bias.repeat(4), padding=1)
+    # Phase (a, b) output pixel (i, j) sits at (i + a, j + b) of its (h+1, w+1) map: one strided view
+    # picks all four, then a single copy interleaves them.
+    sn, sc, si, sj = y.stride()
+    phase = out * sc  # output channels are phase-major: channel (2a + b) * out + o
+    phases = y.as_strided((n, 2, 2, out, h, w), (sn, 2 * phase + si, phase + sj, sc, si, sj), y.storage_offset())
+    return phases.permute(0, 3, 4, 1, 5, 2).reshape(n, out, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 conv (CompVis `Upsample`, parameters `conv.*`)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if x.shape[-2] * x.shape[-1] < 64:  # tiny maps: the plain path's fewer ops win over fewer FLOPs
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
 # ---------------------------------------------------------------- transformer
@@ -78,10 +126,14 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        geglu, drop, proj = self.net
+        h = geglu(x)
+        return proj(drop(h) if drop.p and self.training else h)
 
 
 class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, dropout: float = 0.0):
         super().__init__()
         self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
@@ -95,8 +147,19 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def _project(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv (SD 1.x proj_in/proj_out) or a linear layer (SD 2.x) applied to (b, n, c) tokens."""
+    weight = layer.weight if layer.weight.ndim == 2 else layer.weight.flatten(1)
+    return F.linear(tokens, weight, layer.bias)
+
+
 class SpatialTransformer(nn.Module):
-    """Pixels as tokens: self-attention, cross-attention to the text context, feed-forward."""
+    """Pixels as tokens: self-attention, cross-attention to the text context, feed-forward.
+
+    proj_in/proj_out stay Conv2d (SD 1.x) or Linear (SD 2.x) for the parameter names and shapes, but
+    both run as one matmul on (b, h*w, c) tokens: a 1x1 conv is that matmul, and the token view is
+    free when the feature map is channels-last.
+    """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
                  dropout: float = 0.0, use_linear: bool = False, use_checkpoint: bool = False):
@@ -112,23 +175,14 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        if not self.use_linear:
-            y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)
-        if self.use_linear:
-            y = self.proj_in(y)
+        y = _project(self.proj_in, self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             if self.use_checkpoint and self.training:
                 y = checkpoint(block, y, context, use_reentrant=False)
             else:
                 y = block(y, context)
-        if self.use_linear:
-            y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, -1, h, w)
-        if not self.use_linear:
-            y = self.proj_out(y)
-        return x + y
+        y = _project(self.proj_out, y)
+        return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -153,7 +207,13 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """eps/v/velocity prediction network on latents, conditioned on time and a token context."""
+    """eps/v/velocity prediction network on latents, conditioned on time and a token context.
+
+    Arguments and parameter names are CompVis `openaimodel.UNetModel`'s (SD 1.x/2.x `unet_config`
+    params), so SD checkpoints load as they are and `ldm.checkpoints.unet` maps them to and from
+    diffusers' `UNet2DConditionModel`. `use_checkpoint` recomputes ResBlocks and transformer blocks
+    in the backward pass instead of storing their activations.
+    """
 
     def __init__(self, *, in_channels: int = 4, out_channels: int = 4, model_channels: int = 320,
                  channel_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
@@ -164,6 +224,15 @@ class UNetModel(nn.Module):
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
             raise ValueError("model.unet: set exactly one of num_heads and num_head_channels")
+        if not channel_mult or num_res_blocks < 1 or model_channels < 1:
+            raise ValueError(f"model.unet: channel_mult={list(channel_mult)}, num_res_blocks={num_res_blocks}, "
+                             f"model_channels={model_channels} must be non-empty / positive")
+        attn_widths = [model_channels * m for i, m in enumerate(channel_mult) if 2 ** i in attention_resolutions]
+        attn_widths.append(model_channels * channel_mult[-1])  # the middle block always attends
+        head_key, head_value = ("num_heads", num_heads) if num_heads != -1 else ("num_head_channels", num_head_channels)
+        if head_value < 1 or any(w % head_value for w in attn_widths):
+            raise ValueError(f"model.unet.{head_key}={head_value} must divide the width of every level with "
+                             f"attention (model_channels * channel_mult = {sorted(set(attn_widths))})")
         self.config: dict[str, Any] = dict(
             in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
             channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
@@ -218,13 +287,38 @@ class UNetModel(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
+        """Latent sides must be multiples of this."""
         return 2 ** (len(self.config["channel_mult"]) - 1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, use_ema: bool = False, **arch: Any) -> UNetModel:
+        """Load our export folder, a diffusers UNet folder (or a pipeline folder with `unet/`), or an SD
+        checkpoint (.ckpt / .safetensors, whole model or UNet only; `use_ema` picks its EMA weights).
+
+        The architecture comes from the folder's config where there is one, else from `arch` over the
+        SD 1.5 preset (SD 2.x is recognised from its linear projections); see `ldm.checkpoints.unet`.
+        """
+        from ldm.checkpoints.unet import load_unet
+
+        return load_unet(path, use_ema=use_ema, **arch)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `unet.json` + `unet.safetensors`, which `from_pretrained` reads back."""
+        from ldm.checkpoints.unet import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        """Predict from latents x (b, c, h, w) at `timesteps` (b,) or a scalar, with context (b, n, context_dim)."""
+        t = torch.as_tensor(timesteps, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        if (y is not None) != hasattr(self, "label_emb"):
+            raise ValueError("UNetModel: pass class labels y exactly when the model has num_classes")
         if y is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y).to(emb.dtype)
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context, self.use_checkpoint)
@@ -232,14 +326,15 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context, self.use_checkpoint)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, self.use_checkpoint)
-        return self.out(h)
+        norm, _, conv = self.out
+        return conv(F.silu(norm(h), inplace=True))
 
 
 # ---------------------------------------------------------------- presets
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1, 2],
-                 num_head_channels=16, context_dim=64),
+    "tiny": dict(model_channels=32, channel_mult=[1, 2, 4], num_res_blocks=1, attention_resolutions=[1, 2, 4],
+                 num_head_channels=32, context_dim=64),
     "small": dict(model_channels=128, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[2, 4],
                   num_head_channels=32, context_dim=512),
     "sd15": dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_resolutions=[4, 2, 1],
@@ -250,6 +345,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def unet_preset(name: str, **overrides: Any) -> UNetModel:
+    """A UNet of a named shape (`PRESETS`), with any argument overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
     return UNetModel(**{**PRESETS[name], **overrides})

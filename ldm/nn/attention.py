@@ -10,17 +10,25 @@ from ldm.nn.norm import group_norm
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, n, h*d) -> (b, h, n, d), a view."""
     b, n, d = x.shape
     return x.view(b, n, heads, d // heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(b, h, n, d) -> (b, n, h*d); free when the attention kernel already wrote (b, n, h, d) memory."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries over `context` (self-attention when context is None)."""
+    """Multi-head attention of queries over `context` (self-attention when context is None).
+
+    Parameters keep the CompVis / diffusers names (to_q, to_k, to_v, to_out.0) so checkpoints load
+    as they are; at run time the key and value projections share one matmul (and the query too in
+    self-attention) by concatenating the weights, which is one GEMM forward and backward instead of
+    two or three.
+    """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
                  dropout: float = 0.0):
@@ -35,12 +43,17 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q = split_heads(self.to_q(x), self.heads)
-        k = split_heads(self.to_k(context), self.heads)
-        v = split_heads(self.to_v(context), self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(merge_heads(out))
+        h = self.heads
+        if context is None:
+            qkv = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+            q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
+        else:
+            q = split_heads(self.to_q(x), h)
+            kv = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight]))
+            k, v = (split_heads(t, h) for t in kv.chunk(2, dim=-1))
+        out = self.to_out[0](merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        drop = self.to_out[1]
+        return drop(out) if drop.p and self.training else out
 
 
 class SpatialSelfAttention(nn.Module):
