@@ -54,7 +54,8 @@ def test_ldm_checks_name_the_key():
         check_ldm(cfg, ae)
     cfg = compose_train("stage=ldm")
     with pytest.raises(ConfigError, match="differs from the autoencoder"):
-        check_ldm(cfg, {"ch_mult": [1, 2, 2], "resolution": 64})
+        check_ldm(cfg, {"ch_mult": [1, 2, 2], "resolution": 64, "attn_resolutions": [16]})
+    check_ldm(cfg, {"ch_mult": [1, 2, 2], "resolution": 64, "attn_resolutions": []})  # convolutional: any size
 
 
 def test_missing_autoencoder_message(tmp_path):
@@ -63,3 +64,31 @@ def test_missing_autoencoder_message(tmp_path):
         resolve_autoencoder_path(cfg)
     assert "python train.py stage=vae" in str(err.value)
     assert "model.autoencoder.init_from" in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "compvis-sd", "compvis-vae"])
+def test_stage_ldm_starts_from_sd_and_diffusers_autoencoders(tmp_path, layout):
+    import torch
+
+    from ldm.autoencoder.model import AutoencoderKL
+    from ldm.train.cli import build_module
+
+    source = AutoencoderKL(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.05)
+    if layout == "diffusers":
+        path = source.save_pretrained(tmp_path / "vae", format="diffusers", scaling_factor=0.5)
+    elif layout == "compvis-sd":
+        path = source.save_pretrained(tmp_path / "sd.ckpt", format="compvis", prefix="first_stage_model.")
+    else:
+        path = source.save_pretrained(tmp_path / "vae.safetensors", format="compvis")
+    cfg = compose_train("stage=ldm", f"model.autoencoder.init_from={path}")
+    module = build_module(cfg)
+    for key, value in source.state_dict().items():
+        assert torch.equal(module.autoencoder.state_dict()[key], value), key
+    if layout == "diffusers":  # the diffusers config's scaling_factor becomes the latent scale
+        assert float(module.scale_factor) == 0.5
+    cfg = compose_train("stage=ldm", f"model.autoencoder.init_from={tmp_path}/missing.ckpt")
+    with pytest.raises(ConfigError, match="missing.ckpt"):
+        build_module(cfg)

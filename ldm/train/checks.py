@@ -29,9 +29,11 @@ def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
     if not 0.0 <= module.cond_drop_prob < 1.0:
         raise ConfigError(f"stage.module.cond_drop_prob={module.cond_drop_prob} must be in [0, 1)")
     check_autoencoder_resolution(cfg.data.resolution, autoencoder_config["ch_mult"])
-    if autoencoder_config["resolution"] != cfg.data.resolution:
+    # Only attention placement depends on the resolution; convolutional autoencoders (SD's) run at any size.
+    if autoencoder_config.get("attn_resolutions") and autoencoder_config["resolution"] != cfg.data.resolution:
         raise ConfigError(f"data.resolution={cfg.data.resolution} differs from the autoencoder's training "
-                          f"resolution {autoencoder_config['resolution']}; set data.resolution to match")
+                          f"resolution {autoencoder_config['resolution']} and it has attn_resolutions; "
+                          f"set data.resolution to match")
     latent = cfg.data.resolution // 2 ** (len(autoencoder_config["ch_mult"]) - 1)
     unet_factor = 2 ** (len(cfg.model.unet.channel_mult) - 1)
     if latent % unet_factor:
@@ -40,14 +42,20 @@ def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
 
 
 def resolve_autoencoder_path(cfg: Any) -> Path:
-    """The export stage=ldm starts from: model.autoencoder.init_from, else paths.autoencoder."""
+    """The autoencoder stage=ldm starts from: model.autoencoder.init_from, else paths.autoencoder.
+
+    Any layout `AutoencoderKL.from_pretrained` reads: our export, a diffusers folder (or a pipeline folder
+    with vae/), a CompVis .ckpt/.safetensors (whole SD checkpoint or VAE-only).
+    """
     explicit = cfg.model.autoencoder.get("init_from")
     path = Path(explicit or cfg.paths.autoencoder)
-    weights = path / "autoencoder.safetensors" if path.suffix != ".safetensors" else path
-    if not weights.exists():
+    found = path.is_file() or (path.is_dir() and any(
+        (path / name).exists() for name in ("autoencoder.safetensors", "config.json", "vae/config.json")))
+    if not found:
         where = "model.autoencoder.init_from" if explicit else "the default export path paths.autoencoder"
         raise ConfigError(
             f"stage=ldm needs a trained autoencoder, and none was found at {path} ({where}).\n"
             f"  Train one first:      python train.py stage=vae   (it exports to {cfg.paths.autoencoder})\n"
-            f"  or point to one:      python train.py stage=ldm model.autoencoder.init_from=PATH")
+            f"  or point to one:      python train.py stage=ldm model.autoencoder.init_from=PATH\n"
+            f"                        (our export, a diffusers folder, or a Stable Diffusion .ckpt/.safetensors)")
     return path

@@ -73,10 +73,18 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         return instantiate(cfg.stage.module, _convert_="all", **extra)
     if cfg.stage.name == "ldm":
         path = resolve_autoencoder_path(cfg)
-        config_file = (path if path.is_dir() else path.parent) / "autoencoder.json"
-        ae_config = json.loads(config_file.read_text())
+        from ldm.autoencoder.model import AutoencoderKL
+
+        try:
+            autoencoder = AutoencoderKL.from_pretrained(path)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"model.autoencoder.init_from={path}: cannot load an autoencoder: {err}") from err
+        ae_config = dict(autoencoder.config)
         check_ldm(cfg, ae_config)
+        ae_config["resolution"] = int(cfg.data.resolution)  # samples are drawn at the data's size
         extra: dict[str, Any] = {"autoencoder": ae_config, "autoencoder_path": str(path)}
+        if autoencoder.scaling_factor and cfg.stage.module.get("scale_factor") is None:
+            extra["scale_factor"] = float(autoencoder.scaling_factor)  # e.g. SD's 0.18215 from a diffusers config
         if cfg.data.get("name") == "shapes":
             from ldm.data.shapes import prompt_set
 
