@@ -37,7 +37,7 @@ if [[ ${GPU_SH_CPU:-0} == 1 ]]; then
   MICRO_ARGS="--device cpu --dtype float32 --quick --repeats 1 --threads 2 --only unet_step,autoencoder_step"
 else
   PY=${PY:-python3}; SITE=/tmp/site; ACCEL=gpu; STEPS=30; DATA_ARGS=""
-  CAPS=(60 300 200 110)  # seconds for the sections env unet train micro
+  read -r -a CAPS <<<"${GPU_SH_CAPS:-60 300 200 110}"  # seconds for the sections env unet train micro
   VAE_EXTRA=""; LDM_EXTRA=""  # the stages' own validation (16 prompts, DDIM 50) is part of what is checked
   # --budget-s: start no model variant after 170 s, so the last compile still ends inside the section's cap
   UNET_ARGS="--device cuda --batch 32 --steps 20 --warmup 5 --compile --which ours,diffusers --peak-tflops 989 \
