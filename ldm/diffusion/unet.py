@@ -86,11 +86,16 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n, _, h, w = x.shape
     out = weight.shape[0]
     y = F.conv2d(x, _phase_kernels(weight), None if bias is None else bias.repeat(4), padding=1)
-    # Phase (a, b) output pixel (i, j) sits at (i + a, j + b) of its (h+1, w+1) map: one strided view
-    # picks all four, then a single copy interleaves them.
-    sn, sc, si, sj = y.stride()
-    phase = out * sc  # output channels are phase-major: channel (2a + b) * out + o
-    phases = y.as_strided((n, 2, 2, out, h, w), (sn, 2 * phase + si, phase + sj, sc, si, sj), y.storage_offset())
+    # Output channels are phase-major (channel (2a + b) * out + o) and phase (a, b)'s pixel (i, j) sits
+    # at (i + a, j + b) of its (h+1, w+1) map.
+    if torch.compiler.is_compiling():  # inductor fuses the slices; it cannot order symbolic view strides
+        phases = torch.stack([y[:, (2 * a + b) * out:(2 * a + b + 1) * out, a:a + h, b:b + w]
+                              for a in (0, 1) for b in (0, 1)], 1).view(n, 2, 2, out, h, w)
+    else:  # eager: one strided view picks all four phases, one copy interleaves them
+        sn, sc, si, sj = y.stride()
+        phase = out * sc
+        phases = y.as_strided((n, 2, 2, out, h, w), (sn, 2 * phase + si, phase + sj, sc, si, sj),
+                              y.storage_offset())
     return phases.permute(0, 3, 4, 1, 5, 2).reshape(n, out, 2 * h, 2 * w)
 
 
