@@ -16,7 +16,7 @@ from ldm.checkpoints.unet import (
     save_compvis,
     save_diffusers,
 )
-from ldm.diffusion.unet import PRESETS, UNetModel, unet_preset
+from ldm.diffusion.unet import PRESETS, UNetModel, unet_preset, upsample_conv
 from ldm.nn.embeddings import timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
@@ -210,3 +210,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_gradients_match_diffusers():
+    """The backward pass too: in-place ops, fused projections and the low-resolution upsample conv."""
+    theirs = diffusers_unet("sd2", seed=6).train()
+    ours = UNetModel(**OURS["sd2"]).train()
+    ours.load_state_dict(diffusers_to_compvis(theirs.state_dict(), ours.config))
+    x, t, c = inputs(OURS["sd2"]["context_dim"])
+    target = torch.randn_like(x)
+    torch.nn.functional.mse_loss(ours(x, t, c), target).backward()
+    torch.nn.functional.mse_loss(theirs(x, t, encoder_hidden_states=c).sample, target).backward()
+    expected = diffusers_to_compvis({n: p.grad for n, p in theirs.named_parameters()}, ours.config)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_upsample_conv_equals_nearest_upsample_then_conv():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 8, 6, generator=g, requires_grad=True)
+    w = torch.randn(5, 8, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(5, generator=g, requires_grad=True)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0), w, b, padding=1)
+    out = upsample_conv(x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    seed = torch.randn(ref.shape, generator=g)
+    for a, e in zip(torch.autograd.grad(out, (x, w, b), seed), torch.autograd.grad(ref, (x, w, b), seed), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
