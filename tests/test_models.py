@@ -41,8 +41,8 @@ def test_vae_loss_terms_and_gradients():
     loss_fn = VAELoss(perceptual_weight=1.0, kl_weight=1e-6)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     recon, post = ae(x)
-    loss, logs = loss_fn(x, recon, post)
-    assert set(logs) >= {"l1", "lpips", "kl", "nll", "logvar"}
+    loss, logs = loss_fn.generator(x, recon, post, global_step=0, last_layer=ae.last_layer_weight())
+    assert set(logs) >= {"l1", "lpips", "kl", "nll", "logvar", "loss"}
     assert logs["lpips"] > 0
     loss.backward()
     assert ae.decoder.conv_out.weight.grad is not None
