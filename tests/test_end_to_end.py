@@ -40,6 +40,8 @@ def test_vae_then_ldm_then_sample(workdir):
     assert len(vae_runs) == 1 and (vae_runs[0] / "checkpoints" / "last.ckpt").exists()
     summary = json.loads((vae_runs[0] / "summary.json").read_text())
     assert summary["global_step"] == 3 and "val/psnr" in summary["metrics"]
+    run_export = vae_runs[0] / "export"  # the same weights for outside tools
+    assert (run_export / "diffusers" / "config.json").exists() and (run_export / "vae.safetensors").exists()
 
     run_script("train.py", "stage=ldm", *common, "trainer.max_steps=4", "trainer.val_check_interval=4",
                "stage.num_val_prompts=4", "stage.module.num_inference_steps=3", cwd=work)
@@ -51,6 +53,8 @@ def test_vae_then_ldm_then_sample(workdir):
     assert "val/prompt_accuracy/all" in summary["metrics"]
     meta = json.loads((ldm_run / "export" / "unet.json").read_text())
     assert meta["scale_factor"] > 0
+    assert (ldm_run / "export" / "diffusers" / "config.json").exists()
+    assert (ldm_run / "export" / "unet.safetensors").exists()
 
     out = work / "samples"
     run_script("sample.py", "prompt=a red circle on a blue background", "num_images=2", "steps=3", "seed=7",

@@ -94,6 +94,20 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
     raise ConfigError(f"stage={cfg.stage.name!r}: choose vae or ldm")
 
 
+def _export_sd_layouts(model: Any, out: Path, compvis_name: str) -> None:
+    """The same weights for outside tools: a diffusers folder and a CompVis-key safetensors file."""
+    from ldm.checkpoints import autoencoder as ae_ckpt
+    from ldm.checkpoints import unet as unet_ckpt
+
+    ckpt = ae_ckpt if compvis_name.startswith("vae") else unet_ckpt
+    for what, save in (("diffusers", lambda: ckpt.save_diffusers(model, out / "diffusers")),
+                       ("CompVis", lambda: ckpt.save_compvis(model, out / compvis_name))):
+        try:
+            save()
+        except ValueError as err:  # an architecture that layout cannot express: say so, keep our own export
+            print(f"[ldm] no {what} export: {err}")
+
+
 def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
     """Write the stage's deliverable into the run dir (and, for stage 1, the default path stage 2 reads)."""
     if cfg.stage.name == "vae":
@@ -105,7 +119,8 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)  # a reader sees the old or the new export, never half of one
-        print(f"[ldm] autoencoder exported to {out} and {target}")
+        _export_sd_layouts(module.autoencoder, out, "vae.safetensors")
+        print(f"[ldm] autoencoder exported to {out} (also diffusers/ and vae.safetensors) and {target}")
     else:
         from safetensors.torch import save_file
 
@@ -116,7 +131,8 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         meta = {"unet": module.unet.config, "scale_factor": float(module.scale_factor),
                 "prediction_type": module.hparams.prediction_type, "schedule": module.hparams.schedule}
         (out / "unet.json").write_text(json.dumps(meta, indent=2))
-        print(f"[ldm] EMA UNet exported to {out}")
+        _export_sd_layouts(module.ema.model, out, "unet.safetensors")
+        print(f"[ldm] EMA UNet exported to {out} (also diffusers/ and unet.safetensors)")
 
 
 def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
