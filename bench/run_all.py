@@ -42,7 +42,9 @@ BENCHMARKS: list[Bench] = [
     Bench("gpu_unet_tiny", "bench/gpu_unet.py",
           "--device {device} --preset tiny --res 32 --batch 2 --steps {repeats} --warmup 1 --dtype {dtype} "
           "--no-compile", devices=("cpu",)),
-    # Planned: Bench("sampler", "bench/sampler_step.py", ...), Bench("loader", "bench/loader_throughput.py", ...)
+    Bench("sampler_speed", "bench/sampler_speed.py",
+          "--sizes tiny --repeats {repeats} --threads {threads} --device {device} --dtype {dtype}"),
+    # Planned: Bench("loader", "bench/loader_throughput.py", ...)
 ]
 
 
