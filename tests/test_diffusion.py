@@ -105,3 +105,51 @@ def test_min_snr_weight():
     torch.testing.assert_close(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
     torch.testing.assert_close(min_snr_weight(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
     torch.testing.assert_close(min_snr_weight(snr, None, "epsilon"), torch.ones(3))
+
+
+def test_zero_terminal_snr_rescale():
+    plain = NoiseSchedule()
+    zero = NoiseSchedule(rescale_zero_terminal_snr=True)
+    abar = zero.alphas_cumprod
+    assert abar[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-5)  # first step unchanged
+    assert abar[-1].item() == pytest.approx(2.0**-24)  # pure noise at the end, kept finite for log-SNR samplers
+    assert plain.alphas_cumprod[-1].item() > 1e-3  # the flaw being fixed: SD's schedule leaks signal at t=T
+    assert torch.all(abar[1:] < abar[:-1])
+    root = abar.double().sqrt()[:-1]
+    plain_root = plain.alphas_cumprod.double().sqrt()[:-1]
+    ratio = (root - root[-1]) / (plain_root - plain_root[-1])  # an affine map of sqrt(abar)
+    assert torch.allclose(ratio[:-1], ratio[0].expand_as(ratio[:-1]), rtol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_zero_terminal_snr_with_v_prediction_recovers_data(sampler):
+    from ldm.diffusion.samplers import sample
+
+    s = NoiseSchedule(rescale_zero_terminal_snr=True)
+    x0 = torch.randn(2, 4, 8, 8)
+
+    def oracle_v(x, t):
+        a, sg = s.coefficients(t, 4)
+        eps = (x - a * x0) / sg
+        return a * eps - sg * x0
+
+    out = sample(sampler, oracle_v, torch.randn(2, 4, 8, 8), s, steps=20, prediction_type="v_prediction")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, x0, atol=1e-3, rtol=1e-3)
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    from hydra import compose, initialize_config_dir
+
+    from ldm.train.checks import ConfigError, check_ldm
+
+    from .conftest import ROOT
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(config_name="train", overrides=["stage=ldm", "stage.module.schedule.rescale_zero_terminal_snr=true"])
+        ok = compose(config_name="train", overrides=["stage=ldm", "stage.module.schedule.rescale_zero_terminal_snr=true",
+                                                     "stage.module.prediction_type=v_prediction"])
+    ae = {"ch_mult": [1, 2], "resolution": 32, "attn_resolutions": []}
+    with pytest.raises(ConfigError, match="v_prediction"):
+        check_ldm(cfg, ae)
+    check_ldm(ok, ae)

@@ -24,7 +24,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def __init__(self, unet: dict[str, Any], text_encoder: dict[str, Any], autoencoder: dict[str, Any],
                  autoencoder_path: str | None = None, schedule: dict[str, Any] | None = None,
                  prediction_type: str = "epsilon", scale_factor: float | None = None,
-                 cond_drop_prob: float = 0.1, snr_gamma: float | None = None, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 cond_drop_prob: float = 0.1, snr_gamma: float | None = None, offset_noise: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False):
@@ -88,7 +88,11 @@ class LatentDiffusionModule(pl.LightningModule):
         z0 = self.encode_images(images)
         context = self.encode_text(captions)
         t = self.schedule.sample_timesteps(z0.shape[0], z0.device)
-        per_sample, snr = self.denoising_error(self.unet, z0, torch.randn_like(z0), t, context)
+        noise = torch.randn_like(z0)
+        if self.hparams.offset_noise:  # a per-channel constant lets the model change overall brightness
+            noise = noise + self.hparams.offset_noise * torch.randn(*z0.shape[:2], 1, 1, device=z0.device,
+                                                                    dtype=z0.dtype)
+        per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("train/mse", per_sample.mean().detach(), batch_size=z0.shape[0])

@@ -23,15 +23,33 @@ def make_betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float
     raise ValueError(f"unknown beta_schedule {kind!r}; choose one of {BETA_SCHEDULES}")
 
 
+# The last timestep's abar after zero-terminal-SNR rescaling: not exactly 0, so log-SNR samplers stay finite.
+ZERO_SNR_ABAR = 2.0**-24
+
+
+def rescale_zero_terminal_snr_fn(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": shift and scale
+    sqrt(abar) so the last timestep is pure noise (SNR 0) while the first keeps its value."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
 class NoiseSchedule(nn.Module):
     """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) for t in [0, num_train_timesteps)."""
 
     def __init__(self, beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
-                 beta_start: float = 0.00085, beta_end: float = 0.012):
+                 beta_start: float = 0.00085, beta_end: float = 0.012, rescale_zero_terminal_snr: bool = False):
         super().__init__()
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         self.num_train_timesteps = num_train_timesteps
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)
+        self.zero_terminal_snr = rescale_zero_terminal_snr
+        abar = torch.cumprod(1 - betas, 0)
+        if rescale_zero_terminal_snr:
+            abar = rescale_zero_terminal_snr_fn(abar)
+            abar[-1] = ZERO_SNR_ABAR
+        self.register_buffer("alphas_cumprod", abar.float(), persistent=False)
 
     def coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(abar_t) and sqrt(1 - abar_t), shaped to broadcast over a tensor of `ndim` dims."""

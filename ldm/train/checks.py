@@ -26,6 +26,11 @@ def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
         raise ConfigError(f"stage.module.prediction_type={module.prediction_type!r}: choose one of {PREDICTION_TYPES}")
     if module.sampler not in SAMPLERS:
         raise ConfigError(f"stage.module.sampler={module.sampler!r}: choose one of {SAMPLERS}")
+    if module.schedule.get("rescale_zero_terminal_snr") and module.prediction_type == "epsilon":
+        raise ConfigError("stage.module.schedule.rescale_zero_terminal_snr=true needs "
+                          "stage.module.prediction_type=v_prediction: at SNR 0 the noise says nothing about x0")
+    if module.get("offset_noise", 0.0) < 0:
+        raise ConfigError(f"stage.module.offset_noise={module.offset_noise} must be >= 0")
     if not 0.0 <= module.cond_drop_prob < 1.0:
         raise ConfigError(f"stage.module.cond_drop_prob={module.cond_drop_prob} must be in [0, 1)")
     check_autoencoder_resolution(cfg.data.resolution, autoencoder_config["ch_mult"])
