@@ -131,3 +131,17 @@ def test_small_fid_extractor_is_identical_on_every_rank():
     a, b = SmallFeatureExtractor(16), SmallFeatureExtractor(16)
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(a(x), b(x)) and a(x).shape == (2, 16)
+
+
+def test_lpips_heads_load_from_a_local_file(tmp_path):
+    """The offline path of `lpips_weights_path`: the published heads' key layout, read with weights_only."""
+    from ldm.autoencoder.lpips import _VGG_CHANNELS, LPIPS
+
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(_VGG_CHANNELS)}
+    path = tmp_path / "vgg.pth"
+    torch.save(heads, path)
+    lp = LPIPS(pretrained=False, weights_path=str(path))
+    for i, lin in enumerate(lp.lins):
+        assert torch.equal(lin.weight, heads[f"lin{i}.model.1.weight"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert lp(x, x).item() == pytest.approx(0.0, abs=1e-6) and lp(x, -x).item() > 0
