@@ -81,14 +81,12 @@ class AutoencoderKL(nn.Module):
             return savers[format](self, directory, **kwargs)
         from safetensors.torch import save_file
 
+        from ldm.checkpoints.files import atomic_write
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        for name, write in ((WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp))),
-                            (CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(self.config, indent=2)))):
-            tmp = directory / (name + ".tmp")
-            write(tmp)
-            tmp.replace(directory / name)
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(self.config, indent=2)))
         return directory
 
     @classmethod

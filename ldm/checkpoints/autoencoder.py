@@ -9,8 +9,7 @@ and every write goes to a temporary file that is renamed into place, so a crash 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ldm.autoencoder.model import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
+from ldm.checkpoints.files import atomic_write
 
 COMPVIS_PREFIX = "first_stage_model."
 DIFFUSERS_CONFIG = "config.json"
@@ -459,19 +459,6 @@ def load_autoencoder(path: str | Path, **arch: Any) -> LoadedAutoencoder:
 
 
 # ---- exporters ------------------------------------------------------------------------------------------
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` then rename tmp over `path`, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
 
 def _cpu_state(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}

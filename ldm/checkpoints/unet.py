@@ -12,13 +12,13 @@ import json
 import os
 import pickle
 import warnings
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ldm.checkpoints.files import atomic_write
 from ldm.diffusion.unet import PRESETS, UNetModel
 
 LDM_PREFIX = "model.diffusion_model."
@@ -366,18 +366,6 @@ def guess_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary sibling and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -389,11 +377,11 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     state = out
-    return _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def _write_json(obj: dict[str, Any], path: Path) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_pretrained(model: UNetModel, directory: str | os.PathLike) -> Path:
@@ -427,4 +415,4 @@ def save_compvis(model: UNetModel, path: str | os.PathLike, ema: UNetModel | Non
                       for k, v in ema.state_dict().items() if k in params})
     if path.suffix == ".safetensors":
         return _save_safetensors(state, path, {"format": "pt"})
-    return _atomic(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))

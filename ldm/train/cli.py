@@ -94,12 +94,11 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
     raise ConfigError(f"stage={cfg.stage.name!r}: choose vae or ldm")
 
 
-def _export_sd_layouts(model: Any, out: Path, compvis_name: str) -> None:
-    """The same weights for outside tools: a diffusers folder and a CompVis-key safetensors file."""
-    from ldm.checkpoints import autoencoder as ae_ckpt
-    from ldm.checkpoints import unet as unet_ckpt
+def _export_sd_layouts(ckpt: Any, model: Any, out: Path, compvis_name: str) -> None:
+    """The same weights for outside tools: a diffusers folder and a CompVis-key safetensors file.
 
-    ckpt = ae_ckpt if compvis_name.startswith("vae") else unet_ckpt
+    `ckpt` is the model's module in ldm.checkpoints (its save_diffusers / save_compvis).
+    """
     for what, save in (("diffusers", lambda: ckpt.save_diffusers(model, out / "diffusers")),
                        ("CompVis", lambda: ckpt.save_compvis(model, out / compvis_name))):
         try:
@@ -119,7 +118,9 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)  # a reader sees the old or the new export, never half of one
-        _export_sd_layouts(module.autoencoder, out, "vae.safetensors")
+        from ldm.checkpoints import autoencoder as ae_ckpt
+
+        _export_sd_layouts(ae_ckpt, module.autoencoder, out, "vae.safetensors")
         print(f"[ldm] autoencoder exported to {out} (also diffusers/ and vae.safetensors) and {target}")
     else:
         from safetensors.torch import save_file
@@ -131,7 +132,9 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         meta = {"unet": module.unet.config, "scale_factor": float(module.scale_factor),
                 "prediction_type": module.hparams.prediction_type, "schedule": module.hparams.schedule}
         (out / "unet.json").write_text(json.dumps(meta, indent=2))
-        _export_sd_layouts(module.ema.model, out, "unet.safetensors")
+        from ldm.checkpoints import unet as unet_ckpt
+
+        _export_sd_layouts(unet_ckpt, module.ema.model, out, "unet.safetensors")
         print(f"[ldm] EMA UNet exported to {out} (also diffusers/ and unet.safetensors)")
 
 
