@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +28,21 @@ def tiny_shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     write_shapes(root, num_train=96, num_val=24, resolution=16, seed=1, shard_size=32)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and immune to OpenMP barriers stalling on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float) -> torch.nn.Module:
+    """Every parameter random: fresh models have zero-initialised layers that would hide mapping mistakes."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()

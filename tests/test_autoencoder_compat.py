@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.checkpoints import autoencoder as ckpt
 
+from .conftest import randomize as _randomize
+
 diffusers = pytest.importorskip("diffusers")
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -33,21 +35,11 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
+    return _randomize(model, seed, std=0.1)
 
 
 def make_diffusers(name: str, seed: int = 0, **extra):

@@ -19,6 +19,8 @@ from ldm.checkpoints.unet import (
 from ldm.diffusion.unet import PRESETS, UNetModel, unet_preset, upsample_conv
 from ldm.nn.embeddings import timestep_embedding
 
+from .conftest import randomize as _randomize
+
 diffusers = pytest.importorskip("diffusers")
 UNet2DConditionModel = diffusers.UNet2DConditionModel
 
@@ -39,22 +41,11 @@ OURS = {
 DIFFUSERS = {"sd1": SD1, "sd2": SD2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids OpenMP barriers stalling on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random: fresh UNets have zero-initialised output layers that would hide mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return _randomize(model, seed, std=0.05)
 
 
 def inputs(context_dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
