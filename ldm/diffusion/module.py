@@ -119,14 +119,23 @@ class LatentDiffusionModule(pl.LightningModule):
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, negative_prompt: str = "", sampler: str | None = None,
-                 use_ema: bool = True, progress: bool = False, seeds: list[int] | None = None) -> torch.Tensor:
-        """Prompts -> images in [-1, 1]. Sample i uses seeds[i] (default seed + i): same seed, same image."""
+                 use_ema: bool = True, progress: bool = False, seeds: list[int] | None = None,
+                 height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Prompts -> images in [-1, 1]. Sample i uses seeds[i] (default seed + i): same seed, same image.
+
+        height and width default to the autoencoder's training resolution; they must be multiples of its
+        downsampling factor.
+        """
         unet = self.ema.model if use_ema else self.unet
         steps = num_inference_steps or self.hparams.num_inference_steps
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         f = self.autoencoder.downsample_factor
-        size = self.autoencoder.config["resolution"] // f
-        shape = (self.autoencoder.latent_channels, size, size)
+        height = height or self.autoencoder.config["resolution"]
+        width = width or self.autoencoder.config["resolution"]
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of the autoencoder's factor {f}, "
+                             f"got {height}x{width}")
+        shape = (self.autoencoder.latent_channels, height // f, width // f)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x = noise.to(self.device)
