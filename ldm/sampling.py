@@ -1,8 +1,14 @@
-"""sample.py's work: checkpoint -> prompts -> PNGs, a grid and manifest.jsonl."""
+"""sample.py's work: checkpoint -> prompts -> PNGs, a grid and manifest.jsonl.
+
+Everything a user can get wrong (sampler, sizes, seeds, device, prompt files, the checkpoint path) is
+checked before the model is loaded, so a typo costs a second, not a multi-GB load.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +21,48 @@ from ldm.train.checks import ConfigError
 from ldm.train.images import make_grid, to_uint8
 from ldm.train.run_dir import find_latest_checkpoint
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def resolve_checkpoint(ckpt: str, runs: str) -> Path:
+
+def resolve_checkpoint(ckpt: str | None, runs: str) -> Path:
+    """ckpt=latest (or empty): the newest stage=ldm checkpoint under `runs`; else a .ckpt file, an export
+    bundle folder, or a run folder (its export/ bundle, else its newest checkpoint)."""
+    from ldm.checkpoints.bundle import is_bundle
+
     if ckpt in (None, "", "latest"):
         found = find_latest_checkpoint(runs, "ldm")
         if found is None:
-            raise ConfigError(f"no stage=ldm checkpoint under {runs}/ldm; train one (python train.py stage=ldm) "
-                              f"or pass ckpt=PATH")
+            raise ConfigError(f"ckpt=latest: no stage=ldm checkpoint under {runs}/ldm; train one "
+                              f"(python train.py stage=ldm) or pass ckpt=PATH (a .ckpt or an export folder)")
         return found
-    path = Path(ckpt)
+    path = Path(str(ckpt))
     if not path.exists():
-        raise ConfigError(f"ckpt={ckpt}: no such file")
+        raise ConfigError(f"ckpt={ckpt}: no such file or folder")
+    if path.is_dir():
+        if is_bundle(path):
+            return path
+        if is_bundle(path / "export"):
+            return path / "export"
+        found = sorted(path.glob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if found:
+            last = path / "checkpoints" / "last.ckpt"
+            return last if last.exists() else found[-1]
+        raise ConfigError(f"ckpt={ckpt}: a folder, but neither an export bundle (unet.json + unet_ema.safetensors) "
+                          f"nor a run folder with checkpoints/*.ckpt")
     return path
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None, shapes_prompts: int, seed: int) -> list[str]:
+    """One prompt, a file of prompts (one per line, blank lines skipped), or the built-in shapes vocabulary."""
     if prompt and prompts_file:
         raise ConfigError("give prompt=... or prompts_file=..., not both")
     if prompt:
         return [str(prompt)]
     if prompts_file:
-        lines = [ln.strip() for ln in Path(prompts_file).read_text(encoding="utf-8").splitlines()]
-        prompts = [ln for ln in lines if ln]
+        path = Path(str(prompts_file))
+        if not path.is_file():
+            raise ConfigError(f"prompts_file={prompts_file}: no such file")
+        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not prompts:
             raise ConfigError(f"prompts_file={prompts_file} holds no prompts")
         return prompts
@@ -45,47 +71,132 @@ def read_prompts(prompt: str | None, prompts_file: str | None, shapes_prompts: i
     return prompt_set(int(shapes_prompts), seed=seed)
 
 
-def load_module(path: Path, device: torch.device):
-    from ldm.diffusion.module import LatentDiffusionModule
+def resolve_device(device: str) -> torch.device:
+    """auto: cuda when there is one, else cpu. Asking for cuda without one is an error, not a silent cpu run."""
+    device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device={device!r}: choose auto, cpu or cuda[:N] ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: CUDA is not available on this machine; use device=cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: choose auto, cpu or cuda[:N]")
+    return dev
 
-    module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None)
-    return module.to(device).eval()
+
+def image_seeds(num_prompts: int, num_images: int, seed: int, seeds: list[int] | None) -> list[list[int]]:
+    """Seeds per prompt: an explicit list is used for every prompt; else image k of prompt i gets
+    seed + i * num_images + k, so every image of a run has its own seed and can be remade alone."""
+    if seeds is not None:
+        return [[int(s) for s in seeds] for _ in range(num_prompts)]
+    return [[seed + i * num_images + k for k in range(num_images)] for i in range(num_prompts)]
+
+
+def check_size(height: int | None, width: int | None, hparams: dict[str, Any]) -> tuple[int, int]:
+    """height/width default to the model's training resolution; both must be multiples of the latent factor."""
+    from ldm.checkpoints.bundle import latent_factor
+
+    factor = latent_factor(hparams)
+    resolution = int(hparams["autoencoder"]["resolution"])
+    h, w = (resolution if v is None else int(v) for v in (height, width))
+    bad = [f"{name}={v}" for name, v in (("height", h), ("width", w)) if v <= 0 or v % factor]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: height and width must be positive multiples of {factor} "
+                          f"(the autoencoder's downsampling times the UNet's); e.g. {max(factor, resolution)}")
+    return h, w
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def _check_settings(cfg: Any) -> None:
+    if cfg.get("sampler") is not None and cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={cfg.sampler!r}: choose one of {SAMPLERS}")
+    for key in ("num_images", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    if cfg.get("steps") is not None and int(cfg.steps) < 1:
+        raise ConfigError(f"steps={cfg.steps} must be >= 1")
+    if cfg.get("precision", "fp32") not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r}: choose one of {list(PRECISIONS)}")
+    seeds = cfg.get("seeds")
+    if seeds is not None:
+        if isinstance(seeds, (int, str)) or not len(seeds):
+            raise ConfigError(f"seeds={seeds}: give a non-empty list, e.g. seeds=[1,2,3]")
+        try:
+            [int(s) for s in seeds]
+        except (TypeError, ValueError):
+            raise ConfigError(f"seeds={list(seeds)}: every seed must be an integer") from None
 
 
 def run_sampling(cfg: Any) -> dict[str, Any]:
-    if cfg.sampler not in SAMPLERS:
-        raise ConfigError(f"sampler={cfg.sampler!r}: choose one of {SAMPLERS}")
-    if int(cfg.steps) < 1 or int(cfg.num_images) < 1:
-        raise ConfigError("steps and num_images must be >= 1")
-    ckpt = resolve_checkpoint(cfg.ckpt, cfg.paths.runs)
+    """Generate the images sample.yaml describes; returns the output folder, count and manifest records."""
+    from ldm.checkpoints.bundle import load_ldm, read_hparams
+
+    _check_settings(cfg)
     prompts = read_prompts(cfg.prompt, cfg.prompts_file, cfg.shapes_prompts, cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    module = load_module(ckpt, device)
-    guidance = module.hparams.guidance_scale if cfg.guidance_scale is None else float(cfg.guidance_scale)
-    jobs = [(p, int(cfg.seed) + i * int(cfg.num_images) + k)
-            for i, p in enumerate(prompts) for k in range(int(cfg.num_images))]
-    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    precision = str(cfg.get("precision", "fp32"))
+    ckpt = resolve_checkpoint(cfg.ckpt, cfg.paths.runs)
+    try:
+        hparams = read_hparams(ckpt)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(f"ckpt={ckpt}: cannot read it as a stage=ldm checkpoint or export: {err}") from err
+    height, width = check_size(cfg.get("height"), cfg.get("width"), hparams)
+    sampler = cfg.get("sampler") or hparams.get("sampler", "ddim")
+    from ldm.diffusion import samplers
+
+    if hasattr(samplers, "check_sampler"):  # diffusion vs flow samplers
+        try:
+            samplers.check_sampler(sampler, hparams.get("prediction_type", "epsilon"))
+        except ValueError as err:
+            raise ConfigError(f"sampler={sampler}: {err}") from None
+    steps = int(cfg.get("steps") or hparams.get("num_inference_steps", 50))
+    guidance = float(hparams.get("guidance_scale", 1.0) if cfg.guidance_scale is None else cfg.guidance_scale)
+    negative = str(cfg.negative_prompt or "")
+    per_prompt = image_seeds(len(prompts), int(cfg.num_images), int(cfg.seed), cfg.get("seeds"))
+    jobs = [(p, s) for p, ss in zip(prompts, per_prompt, strict=True) for s in ss]
+
+    module = load_ldm(ckpt).to(device)
+    out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
+    print(f"[ldm] {len(jobs)} images of {height}x{width} from {ckpt} ({sampler}, {steps} steps, guidance {guidance}, "
+          f"{device}, {precision})")
     images, records = [], []
-    print(f"[ldm] sampling {len(jobs)} images from {ckpt} ({cfg.sampler}, {cfg.steps} steps, guidance {guidance})")
-    for start in tqdm(range(0, len(jobs), int(cfg.batch_size)), desc="batches"):
+    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not cfg.get("progress", True))
+    for start in range(0, len(jobs), int(cfg.batch_size)):
         chunk = jobs[start:start + int(cfg.batch_size)]
-        batch = module.generate([p for p, _ in chunk], seeds=[s for _, s in chunk], num_inference_steps=int(cfg.steps),
-                                guidance_scale=guidance, negative_prompt=cfg.negative_prompt, sampler=cfg.sampler,
-                                use_ema=bool(cfg.use_ema)).cpu()
+        with autocast(device, precision):
+            batch = module.generate([p for p, _ in chunk], seeds=[s for _, s in chunk], num_inference_steps=steps,
+                                    guidance_scale=guidance, negative_prompt=negative, sampler=sampler,
+                                    use_ema=bool(cfg.use_ema), height=height, width=width)
+        batch = batch.float().cpu()
         for (prompt, seed), arr, img in zip(chunk, to_uint8(batch), batch, strict=True):
             name = f"{len(records):05d}.png"
             Image.fromarray(arr).save(out / name)
-            records.append({"file": name, "prompt": prompt, "seed": seed, "steps": int(cfg.steps),
-                            "guidance_scale": guidance, "sampler": cfg.sampler})
+            records.append({"file": name, "prompt": prompt, "negative_prompt": negative, "seed": seed,
+                            "steps": steps, "guidance_scale": guidance, "sampler": sampler,
+                            "height": height, "width": width})
             images.append(img)
+        bar.update(len(chunk))
+    bar.close()
     stacked = torch.stack(images)
     make_grid(stacked).save(out / "grid.png")
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
-    result: dict[str, Any] = {"out": str(out), "num_images": len(records), "checkpoint": str(ckpt)}
+    result: dict[str, Any] = {"out": str(out), "num_images": len(records), "checkpoint": str(ckpt),
+                              "records": records}
     if _should_score(cfg.score_shapes, prompts):
         from ldm.data.analyze import prompt_accuracy
 

@@ -53,16 +53,17 @@ def test_vae_then_ldm_then_sample(workdir):
     assert "val/prompt_accuracy/all" in summary["metrics"]
     meta = json.loads((ldm_run / "export" / "unet.json").read_text())
     assert meta["scale_factor"] > 0
-    assert (ldm_run / "export" / "diffusers" / "config.json").exists()
-    assert (ldm_run / "export" / "unet.safetensors").exists()
+    assert (ldm_run / "export" / "diffusers" / "unet" / "config.json").exists()
+    assert (ldm_run / "export" / "compvis" / "unet.safetensors").exists()
 
     out = work / "samples"
     run_script("sample.py", "prompt=a red circle on a blue background", "num_images=2", "steps=3", "seed=7",
                f"out={out}", "paths.runs=runs", cwd=work)
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [x["seed"] for x in lines] == [7, 8]
-    assert lines[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "seed": 7,
-                        "steps": 3, "guidance_scale": lines[0]["guidance_scale"], "sampler": "ddim"}
+    assert lines[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "negative_prompt": "",
+                        "seed": 7, "steps": 3, "guidance_scale": lines[0]["guidance_scale"], "sampler": "ddim",
+                        "height": 16, "width": 16}
     assert (out / "00001.png").exists() and (out / "grid.png").exists()
     assert set(json.loads((out / "prompt_accuracy.json").read_text())) == {"color", "background", "shape", "all"}
 

@@ -123,19 +123,11 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         _export_sd_layouts(ae_ckpt, module.autoencoder, out, "vae.safetensors")
         print(f"[ldm] autoencoder exported to {out} (also diffusers/ and vae.safetensors) and {target}")
     else:
-        from safetensors.torch import save_file
+        from ldm.checkpoints.bundle import write_bundle
 
-        out = run_dir / "export"
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in module.ema.model.state_dict().items()}
-        save_file(state, str(out / "unet_ema.safetensors"))
-        meta = {"unet": module.unet.config, "scale_factor": float(module.scale_factor),
-                "prediction_type": module.hparams.prediction_type, "schedule": module.hparams.schedule}
-        (out / "unet.json").write_text(json.dumps(meta, indent=2))
-        from ldm.checkpoints import unet as unet_ckpt
-
-        _export_sd_layouts(unet_ckpt, module.ema.model, out, "unet.safetensors")
-        print(f"[ldm] EMA UNet exported to {out} (also diffusers/ and unet.safetensors)")
+        out = write_bundle(module, run_dir / "export")
+        print(f"[ldm] EMA UNet, autoencoder and settings exported to {out} (python sample.py ckpt={out}; "
+              f"also diffusers/ and compvis/)")
 
 
 def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
