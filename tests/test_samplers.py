@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.diffusion.samplers import SAMPLERS, ddim_timesteps, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion.samplers import (
+    DIFFUSION_SAMPLERS,
+    ddim_timesteps,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+)
 from ldm.diffusion.schedule import NoiseSchedule
 
 torch.set_num_threads(1)  # the machine's other cores are busy; these tests are tiny anyway
@@ -84,7 +91,7 @@ def point_mass_model(x0_star: torch.Tensor, pred: str, schedule: NoiseSchedule):
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_point_mass_is_recovered(schedule, name, pred):
     x0_star = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
@@ -148,6 +155,10 @@ def test_dispatch_ignores_unused_kwargs(schedule):
     torch.testing.assert_close(a, sample_dpmpp_2m(linear_model, noise, schedule, steps=5))
 
 
-def test_unknown_sampler(schedule):
-    with pytest.raises(ValueError, match="ddim.*ddpm.*dpmpp_2m"):
+def test_unknown_or_mismatched_sampler(schedule):
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        sample("nope", linear_model, torch.zeros(SHAPE), schedule, steps=2)
+    with pytest.raises(ValueError, match="does not fit prediction_type='epsilon'.*ddim.*ddpm.*dpmpp_2m"):
         sample("euler", linear_model, torch.zeros(SHAPE), schedule, steps=2)
+    with pytest.raises(ValueError, match="does not fit prediction_type='flow'.*euler.*heun"):
+        sample("ddim", linear_model, torch.zeros(SHAPE), schedule, steps=2, prediction_type="flow")

@@ -1,0 +1,30 @@
+"""Conditioners: OpenCLIP text (default), learned class embeddings, or none."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+CONDITIONING_KINDS = ("openclip", "class", "none")
+
+
+def build_conditioner(config: dict[str, Any]) -> nn.Module:
+    """`model.text_encoder` config -> module; `kind` picks the family (openclip when absent)."""
+    kwargs = dict(config)
+    kind = kwargs.pop("kind", "openclip")
+    if kind == "openclip":
+        from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
+
+        return OpenCLIPTextEncoder(**kwargs)
+    if kind == "class":
+        from ldm.conditioning.class_embedding import ClassEmbedder
+
+        return ClassEmbedder(**kwargs)
+    if kind == "none":
+        from ldm.conditioning.class_embedding import Unconditional
+
+        if kwargs:
+            raise ValueError(f"model.text_encoder kind=none takes no other keys, got {sorted(kwargs)}")
+        return Unconditional()
+    raise ValueError(f"model.text_encoder.kind={kind!r}: choose one of {CONDITIONING_KINDS}")

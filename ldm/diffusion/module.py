@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from ldm.autoencoder.model import AutoencoderKL
-from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
+from ldm.conditioning import build_conditioner
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objectives import check_prediction_type, training_target
-from ldm.diffusion.samplers import classifier_free_guidance, sample
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.samplers import check_sampler, classifier_free_guidance, sample
+from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
 from ldm.diffusion.weighting import min_snr_weight
 from ldm.train.images import log_image, make_grid
@@ -27,23 +26,29 @@ class LatentDiffusionModule(pl.LightningModule):
                  cond_drop_prob: float = 0.1, snr_gamma: float | None = None, offset_noise: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
-                 val_seed: int = 0, score_shapes: bool = False):
+                 val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
+                 seed: int = 0):
         super().__init__()
         check_prediction_type(prediction_type)
+        check_sampler(sampler, prediction_type)
         # autoencoder_path only matters when training starts; a checkpoint carries the weights itself.
         self.save_hyperparameters(ignore=["autoencoder_path"])
         self.autoencoder = AutoencoderKL(**{k: v for k, v in autoencoder.items() if k != "init_from"})
         if autoencoder_path:
             self.autoencoder.load_state_dict(AutoencoderKL.from_pretrained(autoencoder_path).state_dict())
         self.autoencoder.requires_grad_(False).eval()
-        self.text_encoder = OpenCLIPTextEncoder(**text_encoder)
+        # OpenCLIP text (frozen by default), a learned class embedding, or nothing (see ldm.conditioning).
+        self.text_encoder = build_conditioner(text_encoder)
         arch = dict(unet)
         arch["in_channels"] = arch.get("in_channels") or self.autoencoder.latent_channels
         arch["out_channels"] = arch.get("out_channels") or self.autoencoder.latent_channels
         arch["context_dim"] = arch.get("context_dim") or self.text_encoder.output_dim
         self.unet = UNetModel(**arch)
         self.ema = EMA(self.unet, decay=ema_decay)
-        self.schedule = NoiseSchedule(**(schedule or {}))
+        # A trainable conditioner (class embeddings, an unfrozen text tower) is averaged like the UNet.
+        self.conditioner_trains = any(p.requires_grad for p in self.text_encoder.parameters())
+        self.text_encoder_ema = EMA(self.text_encoder, decay=ema_decay) if self.conditioner_trains else None
+        self.schedule = build_schedule(prediction_type, schedule, flow)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
 
@@ -55,20 +60,31 @@ class LatentDiffusionModule(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(images).sample() * self.scale_factor
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.autoencoder.encode(images).sample(generator) * self.scale_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(latents / self.scale_factor).clamp(-1, 1)
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.text_encoder(captions)
+    def encode_text(self, captions: list[str], use_ema: bool = False) -> torch.Tensor | None:
+        encoder = self.text_encoder_ema.model if use_ema and self.text_encoder_ema is not None else self.text_encoder
+        with torch.set_grad_enabled(self.conditioner_trains and encoder.training and torch.is_grad_enabled()):
+            return encoder(captions)
+
+    def step_generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
+        """(CPU, device) generators seeded by (seed, step, rank): the noise, timesteps, posterior sample and
+        caption dropout of a step are a function of those alone, so a resumed run draws what an uninterrupted
+        one would have drawn."""
+        seed = ((int(self.hparams.seed) * 1_000_003 + step) * 1_009 + self.global_rank) % 2**63
+        cpu = torch.Generator().manual_seed(seed)
+        if self.device.type == "cpu":
+            return cpu, cpu
+        return cpu, torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.no_grad()
     def _estimate_scale_factor(self, images: torch.Tensor) -> None:
-        z = self.autoencoder.encode(images).sample()
+        z = self.autoencoder.encode(images).sample(self.step_generators(-1)[1])
         std = z.float().std()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(std)
@@ -83,15 +99,16 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, captions = batch["image"], list(batch["caption"])
-        p = self.hparams.cond_drop_prob
-        captions = ["" if random.random() < p else c for c in captions]
-        z0 = self.encode_images(images)
+        cpu_gen, gen = self.step_generators(self.global_step)
+        drop = torch.rand(len(captions), generator=cpu_gen) < self.hparams.cond_drop_prob
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        z0 = self.encode_images(images, gen)
         context = self.encode_text(captions)
-        t = self.schedule.sample_timesteps(z0.shape[0], z0.device)
-        noise = torch.randn_like(z0)
+        t = self.schedule.sample_timesteps(z0.shape[0], z0.device, generator=gen)
+        noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
         if self.hparams.offset_noise:  # a per-channel constant lets the model change overall brightness
-            noise = noise + self.hparams.offset_noise * torch.randn(*z0.shape[:2], 1, 1, device=z0.device,
-                                                                    dtype=z0.dtype)
+            noise = noise + self.hparams.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=gen,
+                                                                    device=z0.device, dtype=z0.dtype)
         per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
@@ -102,17 +119,22 @@ class LatentDiffusionModule(pl.LightningModule):
                         context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample squared error of `unet` against the objective's target at timesteps t, and the SNR."""
         alpha, sigma = self.schedule.coefficients(t, z0.ndim)
-        out = unet(self.schedule.add_noise(z0, noise, t), t, context)
+        out = unet(self.schedule.add_noise(z0, noise, t), self.schedule.model_time(t), context)
         target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return per_sample, (alpha / sigma).flatten().float() ** 2
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         self.ema.update(self.unet)
+        if self.text_encoder_ema is not None:
+            self.text_encoder_ema.update(self.text_encoder)
         self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
 
     def configure_optimizers(self) -> dict:
-        return adamw_with_warmup(self.unet.parameters(), self.hparams.lr, self.hparams.warmup_steps,
+        params = list(self.unet.parameters())
+        if self.conditioner_trains:
+            params += [p for p in self.text_encoder.parameters() if p.requires_grad]
+        return adamw_with_warmup(params, self.hparams.lr, self.hparams.warmup_steps,
                                  weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ sampling
@@ -139,8 +161,8 @@ class LatentDiffusionModule(pl.LightningModule):
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x = noise.to(self.device)
-        cond = self.encode_text(prompts)
-        uncond = self.encode_text([negative_prompt] * len(prompts))
+        cond = self.encode_text(prompts, use_ema=use_ema)
+        uncond = self.encode_text([negative_prompt] * len(prompts), use_ema=use_ema)
         model_fn = classifier_free_guidance(unet, cond, uncond, scale)
         z = sample(sampler or self.hparams.sampler, model_fn, x, self.schedule, steps=steps,
                    eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress)
@@ -152,10 +174,10 @@ class LatentDiffusionModule(pl.LightningModule):
         if float(self.scale_factor) <= 0:
             self._estimate_scale_factor(images)
         z0 = self.encode_images(images)
-        context = self.encode_text(captions)
+        context = self.encode_text(captions, use_ema=True)
         g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
         noise = torch.randn(z0.shape, generator=g).to(z0)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (z0.shape[0],), generator=g).to(z0.device)
+        t = self.schedule.sample_timesteps(z0.shape[0], torch.device("cpu"), generator=g).to(z0.device)
         per_sample, _ = self.denoising_error(self.ema.model, z0, noise, t, context)
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=z0.shape[0])
 

@@ -1,6 +1,8 @@
 """Samplers as plain functions of a denoiser callable; shared by validation and sample.py.
 
 `model_fn(x_t, t) -> network output` (guidance, conditioning and dtype handling live in the callable).
+DDPM, DDIM and DPM-Solver++ integrate the discrete diffusion schedule (epsilon / v_prediction models);
+Euler and Heun integrate the flow ODE dx/dt = v (prediction_type=flow).
 """
 
 from __future__ import annotations
@@ -11,18 +13,34 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.diffusion.flow import FlowSchedule
 from ldm.diffusion.objectives import to_x0_eps
 from ldm.diffusion.schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+DIFFUSION_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+FLOW_SAMPLERS = ("euler", "heun")
+SAMPLERS = DIFFUSION_SAMPLERS + FLOW_SAMPLERS
 
 
-def classifier_free_guidance(model: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor,
+def check_sampler(sampler: str, prediction_type: str) -> None:
+    """A flow model needs a flow sampler and a diffusion model a diffusion one; say which, by name."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    allowed = FLOW_SAMPLERS if prediction_type == "flow" else DIFFUSION_SAMPLERS
+    if sampler not in allowed:
+        raise ValueError(f"sampler={sampler!r} does not fit prediction_type={prediction_type!r}; "
+                         f"use one of {allowed}")
+
+
+def classifier_free_guidance(model: Callable[..., torch.Tensor], cond: torch.Tensor | None,
+                             uncond: torch.Tensor | None,
                              guidance_scale: float) -> ModelFn:
     """Wrap a conditional network: out = uncond + s * (cond - uncond), both halves in one batch."""
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if cond is None:  # unconditional model: nothing to guide
+            return model(x, t, None)
         if guidance_scale == 1.0:
             return model(x, t, cond)
         out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
@@ -122,12 +140,45 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule,
     return x
 
 
+def _velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
+    tt = schedule.model_time(t.to(x.device)).expand(x.shape[0])
+    return model_fn(x, tt).float()
+
+
+@torch.no_grad()
+def sample_euler(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSchedule, steps: int = 28,
+                 progress: bool = False, **_: object) -> torch.Tensor:
+    """Euler steps of dx/dt = v from t = 1 (noise) to t = 0 (data): one network call per step."""
+    times = schedule.sampling_times(steps)
+    x = x.float()
+    for i in tqdm(range(steps), desc="euler", disable=not progress, leave=False):
+        x = x + float(times[i + 1] - times[i]) * _velocity(model_fn, x, times[i], schedule)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSchedule, steps: int = 28,
+                progress: bool = False, **_: object) -> torch.Tensor:
+    """Heun's method (Karras et al. 2022): an Euler guess corrected by the slope at its end point; second
+    order for two calls per step. Unlike a diffusion ODE in sigma, the velocity is finite at t = 0, so the
+    last step is corrected too."""
+    times = schedule.sampling_times(steps)
+    x = x.float()
+    for i in tqdm(range(steps), desc="heun", disable=not progress, leave=False):
+        dt = float(times[i + 1] - times[i])
+        v = _velocity(model_fn, x, times[i], schedule)
+        v_end = _velocity(model_fn, x + dt * v, times[i + 1], schedule)
+        x = x + dt * 0.5 * (v + v_end)
+    return x
+
+
 _SAMPLER_FNS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
+    "ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler, "heun": sample_heun}
 
 
-def sample(sampler: str, model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, **kwargs) -> torch.Tensor:
+def sample(sampler: str, model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule | FlowSchedule,
+           prediction_type: str = "epsilon", **kwargs) -> torch.Tensor:
     """Dispatch by name; kwargs a sampler has no use for (eta for dpmpp_2m, ...) are ignored."""
-    if sampler not in _SAMPLER_FNS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    return _SAMPLER_FNS[sampler](model_fn, x, schedule, **kwargs)
+    check_sampler(sampler, prediction_type)
+    return _SAMPLER_FNS[sampler](model_fn, x, schedule, prediction_type=prediction_type, **kwargs)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ldm.diffusion.flow import FlowSchedule
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
@@ -63,3 +65,15 @@ class NoiseSchedule(nn.Module):
     def sample_timesteps(self, n: int, device: torch.device, generator: torch.Generator | None = None
                          ) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (n,), device=device, generator=generator)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is told: the integer step itself (CompVis / diffusers convention)."""
+        return t
+
+
+def build_schedule(prediction_type: str, schedule: dict | None = None, flow: dict | None = None
+                   ) -> NoiseSchedule | FlowSchedule:
+    """The discrete schedule for epsilon / v_prediction, the flow path for prediction_type=flow."""
+    if prediction_type == "flow":
+        return FlowSchedule(**(flow or {}))
+    return NoiseSchedule(**(schedule or {}))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.diffusion.objectives import PREDICTION_TYPES
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.samplers import check_sampler
 
 
 class ConfigError(ValueError):
@@ -24,8 +24,14 @@ def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
     module = cfg.stage.module
     if module.prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"stage.module.prediction_type={module.prediction_type!r}: choose one of {PREDICTION_TYPES}")
-    if module.sampler not in SAMPLERS:
-        raise ConfigError(f"stage.module.sampler={module.sampler!r}: choose one of {SAMPLERS}")
+    try:
+        check_sampler(module.sampler, module.prediction_type)
+    except ValueError as err:
+        raise ConfigError(f"stage.module.sampler: {err}") from None
+    kind = cfg.model.text_encoder.get("kind", "openclip")
+    if kind == "none" and module.guidance_scale != 1.0:
+        raise ConfigError(f"model.text_encoder=none is unconditional: set stage.module.guidance_scale=1.0 "
+                          f"(got {module.guidance_scale}); there is nothing to guide towards")
     if module.schedule.get("rescale_zero_terminal_snr") and module.prediction_type == "epsilon":
         raise ConfigError("stage.module.schedule.rescale_zero_terminal_snr=true needs "
                           "stage.module.prediction_type=v_prediction: at SNR 0 the noise says nothing about x0")

@@ -1,0 +1,63 @@
+"""Stop-and-resume equals an uninterrupted run: weights, optimizer state, EMA, scale_factor and global step."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tests.ldm_factory import tiny_ldm
+
+# One batch per epoch: Lightning restarts a map-style loader from its first batch on resume, so longer
+# epochs would feed the resumed run different data (mid-epoch data position is the data stream's job).
+BATCH, BATCHES_PER_EPOCH = 4, 1
+
+
+class Images(Dataset):
+    """Fixed random images with captions: the same sample for the same index in every run."""
+
+    def __len__(self) -> int:
+        return BATCH * BATCHES_PER_EPOCH
+
+    def __getitem__(self, i: int) -> dict:
+        image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        return {"image": image, "caption": f"caption {i % 3}"}
+
+
+def fit(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
+    torch.manual_seed(0)  # identical initial weights in every run
+    module = tiny_ldm(scale_factor=None, prediction_type="v_prediction", warmup_steps=3, ema_decay=0.99)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, deterministic=True, default_root_dir=root)
+    loader = DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=0)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_matches_uninterrupted(tmp_path):
+    n, m = 3, 2
+    trainer, first = fit(n, tmp_path / "a")
+    ckpt = tmp_path / "stop.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed_trainer, resumed = fit(n + m, tmp_path / "b", ckpt_path=str(ckpt))
+    straight_trainer, straight = fit(n + m, tmp_path / "c")
+
+    assert resumed_trainer.global_step == straight_trainer.global_step == n + m
+    assert float(resumed.scale_factor) == float(straight.scale_factor) > 0
+    assert int(resumed.ema.num_updates) == int(straight.ema.num_updates) == n + m
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    # The weights moved after the stop, so the comparison above is not of two untouched copies.
+    assert not torch.equal(first.unet.out[2].weight, straight.unet.out[2].weight)
+    opt_resumed = resumed_trainer.optimizers[0].state_dict()
+    opt_straight = straight_trainer.optimizers[0].state_dict()
+    assert opt_resumed["param_groups"][0]["lr"] == opt_straight["param_groups"][0]["lr"]
+    for key, state in opt_straight["state"].items():
+        for field, value in state.items():
+            torch.testing.assert_close(opt_resumed["state"][key][field], value, atol=0, rtol=0)
+    sched = [t.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"]
+             for t in (resumed_trainer, straight_trainer)]
+    assert sched[0] == sched[1] == n + m
