@@ -37,6 +37,13 @@ def run_directory() -> Path:
         return path
 
 
+def _task_overrides() -> list[str] | None:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without @hydra.main
+        return None
+
+
 def ensure_shapes_data(cfg: DictConfig) -> None:
     """The built-in data set is written on first use, so `python train.py` works on a fresh clone."""
     if cfg.data.get("name") != "shapes":
@@ -144,6 +151,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = run_directory()
+    if cfg.get("offline"):  # before anything loads weights: fail here, naming every missing file
+        from ldm.weights import use_offline_cache
+
+        use_offline_cache(cfg, _task_overrides())
     resume = resolve_resume(cfg)
     module = build_module(cfg)
     ensure_shapes_data(cfg)
