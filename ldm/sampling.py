@@ -119,6 +119,28 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def offline_text_encoder(hparams: dict[str, Any], weights_cache: str | None) -> dict[str, Any] | None:
+    """weights_cache=DIR: the published OpenCLIP text model comes from that prefetch cache, hubs off;
+    a missing file is an error naming it. Returns the module-argument overrides (None: nothing to change)."""
+    if not weights_cache:
+        return None
+    text = dict(hparams.get("text_encoder") or {})
+    if text.get("kind", "openclip") != "openclip" or not (text.get("model_name") and text.get("pretrained")):
+        return None  # random or trained conditioners travel inside the checkpoint
+    from ldm.weights import openclip_weights
+
+    cache = Path(str(weights_cache)) / "open_clip"
+    if openclip_weights(cache, text["model_name"], text["pretrained"]) is None:
+        raise ConfigError(f"weights_cache={weights_cache}: no OpenCLIP {text['model_name']} / {text['pretrained']} "
+                          f"file in {cache / text['model_name'] / text['pretrained']}; fetch it where there is internet: "
+                          f"python -m ldm.prefetch stage=ldm model.text_encoder.model_name={text['model_name']} "
+                          f"model.text_encoder.pretrained={text['pretrained']} paths.weights_cache={weights_cache}")
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return {"text_encoder": {**text, "cache_dir": str(cache)}}
+
+
 def _check_settings(cfg: Any) -> None:
     if cfg.get("sampler") is not None and cfg.sampler not in SAMPLERS:
         raise ConfigError(f"sampler={cfg.sampler!r}: choose one of {SAMPLERS}")
@@ -167,7 +189,7 @@ def run_sampling(cfg: Any) -> dict[str, Any]:
     per_prompt = image_seeds(len(prompts), int(cfg.num_images), int(cfg.seed), cfg.get("seeds"))
     jobs = [(p, s) for p, ss in zip(prompts, per_prompt, strict=True) for s in ss]
 
-    module = load_ldm(ckpt).to(device)
+    module = load_ldm(ckpt, offline_text_encoder(hparams, cfg.get("weights_cache"))).to(device)
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     print(f"[ldm] {len(jobs)} images of {height}x{width} from {ckpt} ({sampler}, {steps} steps, guidance {guidance}, "

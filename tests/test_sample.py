@@ -181,3 +181,22 @@ def test_export_cli_errors(tmp_path):
 
     assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")]) == 2
     assert main(["--ckpt", "latest", "--runs", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_weights_cache_points_the_text_encoder_at_the_prefetched_file(tmp_path, monkeypatch):
+    from ldm.sampling import offline_text_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
+    hparams = {"text_encoder": {"kind": "openclip", "model_name": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}}
+    assert offline_text_encoder(hparams, None) is None
+    assert offline_text_encoder({"text_encoder": {"model_name": None}}, str(tmp_path)) is None  # travels in the ckpt
+    folder = tmp_path / "open_clip" / "ViT-H-14" / "laion2b_s32b_b79k"
+    with pytest.raises(ConfigError, match=re.escape(str(folder))):
+        offline_text_encoder(hparams, str(tmp_path))
+    folder.mkdir(parents=True)
+    (folder / "open_clip_model.safetensors").write_bytes(b"")
+    overrides = offline_text_encoder(hparams, str(tmp_path))
+    assert overrides["text_encoder"]["cache_dir"] == str(tmp_path / "open_clip")
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -146,15 +146,17 @@ def latent_factor(hparams: dict[str, Any]) -> int:
     return ae * 2 ** (len(hparams["unet"]["channel_mult"]) - 1)
 
 
-def load_bundle(path: str | Path) -> Any:
-    """A bundle folder -> LatentDiffusionModule on the CPU, in eval mode, EMA weights in both UNet copies."""
+def load_bundle(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """A bundle folder -> LatentDiffusionModule on the CPU, in eval mode, EMA weights in both UNet copies.
+
+    `overrides` replace module arguments (e.g. a text_encoder config pointing at a weights cache)."""
     from safetensors.torch import load_file
 
     from ldm.autoencoder.model import AutoencoderKL
     from ldm.diffusion.module import LatentDiffusionModule
 
     path = Path(path)
-    hparams = read_hparams(path)
+    hparams = {**read_hparams(path), **(overrides or {})}
     module = LatentDiffusionModule(**hparams)
     module.autoencoder.load_state_dict(AutoencoderKL.from_pretrained(path / "autoencoder").state_dict())
     state = load_file(str(path / EMA_WEIGHTS))
@@ -168,11 +170,12 @@ def load_bundle(path: str | Path) -> Any:
     return module.eval()
 
 
-def load_ldm(path: str | Path) -> Any:
+def load_ldm(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
     """A bundle folder or a stage=ldm Lightning checkpoint -> LatentDiffusionModule on the CPU, eval mode."""
     if Path(path).is_dir():
-        return load_bundle(path)
+        return load_bundle(path, overrides)
     from ldm.diffusion.module import LatentDiffusionModule
 
-    module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None)
+    module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None,
+                                                        **(overrides or {}))
     return module.eval()
