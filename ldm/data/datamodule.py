@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ldm.data.pipeline import ShardSpec, TrainStream, ValStream, count_samples, expand_shards
+from ldm.data.callbacks import DataStatsCallback
+from ldm.data.pipeline import (
+    MODES,
+    ShardSpec,
+    TrainStream,
+    ValStream,
+    count_samples,
+    expand_shards,
+    shard_counts,
+)
+
+log = logging.getLogger(__name__)
 
 # TrainStream divides each epoch between workers itself, so its length is exact; Lightning's
 # generic caution about IterableDataset lengths with several workers does not apply.
@@ -19,11 +32,17 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 class ShardDataModule(pl.LightningDataModule):
     """(image, caption) batches from img2dataset-style shards, split across ranks and workers.
 
-    Batches are {"image": Bx3xRxR float in [-1, 1], "caption": [str], "key": [str]}.
-    `epoch_length` is the number of training batches per rank per epoch; left as
-    None it is the data set size / (world_size * batch_size), read from the
-    sample counts stored next to the shards (info.json or img2dataset's
-    *_stats.json).
+    Batches are {"image": Bx3xRxR float in [-1, 1], "caption": [str], "key": [str],
+    "data_stats": {name: int}}. `mode="finite"` makes each epoch one pass over the
+    data (sample counts from *_stats.json / info.json, else a one-time scan cached
+    in `index_file`); `mode="resampled"` makes it `epoch_length` batches per rank of
+    an endless stream (left as None: data set size / (world_size * batch_size),
+    from recorded counts). Either way every rank gets the same number of batches.
+
+    The module adds a `DataStatsCallback` to its trainer, which sums the skip
+    counts over ranks, logs them and stops the run when more than
+    `max_skip_fraction` of the samples read could not be used. Its state_dict holds
+    how far into the epoch training got, so a restart resumes mid-epoch.
     """
 
     def __init__(
@@ -39,6 +58,14 @@ class ShardDataModule(pl.LightningDataModule):
         epoch_length: int | None = None,
         seed: int = 0,
         caption_key: str = "txt",
+        mode: str = "resampled",
+        index_file: str | None = None,
+        crop: str = "center",
+        flip_p: float = 0.0,
+        background: Sequence[int] = (255, 255, 255),
+        min_size: int = 0,
+        max_skip_fraction: float = 0.1,
+        retries: int = 2,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -51,6 +78,15 @@ class ShardDataModule(pl.LightningDataModule):
         self.epoch_length = epoch_length
         self.seed = seed
         self.caption_key = caption_key
+        self.mode = mode
+        self.index_file = index_file
+        self.crop = crop
+        self.flip_p = flip_p
+        self.background = tuple(background)
+        self.min_size = min_size
+        self.max_skip_fraction = max_skip_fraction
+        self.retries = retries
+        self._resume_state: dict[str, Any] | None = None
         self.train_set: TrainStream | None = None
         self.val_set: ValStream | None = None
         self._check_values()  # fail at start-up, before a trainer holds devices
@@ -76,6 +112,20 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers!r}")
         if not self.caption_key:
             raise ValueError("data.caption_key must name a tar member extension, e.g. 'txt'")
+        if self.mode not in MODES:
+            raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "finite" and self.epoch_length is not None:
+            raise ValueError("data.epoch_length applies to data.mode=resampled; a finite epoch is one pass")
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"data.flip_p must be in [0, 1], got {self.flip_p!r}")
+        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
+            raise ValueError(f"data.background must be three values in 0..255, got {self.background!r}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction!r}")
+        if self.min_size < 0 or self.retries < 0:
+            raise ValueError("data.min_size and data.retries must be >= 0")
 
     def setup(self, stage: str | None = None) -> None:
         """Check the settings and that every local shard exists, then build this rank's streams.
@@ -89,26 +139,37 @@ class ShardDataModule(pl.LightningDataModule):
             if self.train_shards is None:
                 raise ValueError("data.train_shards is required for training")
             urls = expand_shards(self.train_shards)
-            epoch_length = self.epoch_length
-            if epoch_length is None:
+            counts, epoch_length = None, self.epoch_length
+            if self.mode == "finite":
+                counts = shard_counts(urls, self.index_file)
+            elif epoch_length is None:
                 total = count_samples(urls)
                 if total is None:
                     raise ValueError(
                         "data.epoch_length is required: the number of training samples is unknown "
-                        "(no info.json or *_stats.json next to the shards)"
+                        "(no info.json or *_stats.json next to the shards); or use data.mode=finite, "
+                        "which counts them once"
                     )
                 epoch_length = max(1, total // (world_size * self.batch_size))
             self.train_set = TrainStream(
                 urls,
                 resolution=self.resolution,
                 batch_size=self.batch_size,
+                mode=self.mode,
                 epoch_length=epoch_length,
+                counts=counts,
                 rank=rank,
                 world_size=world_size,
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
                 caption_key=self.caption_key,
+                crop=self.crop,
+                flip_p=self.flip_p,
+                background=self.background,
+                min_size=self.min_size,
+                retries=self.retries,
             )
+            self._add_stats_callback()
         if stage in (None, "fit", "validate") and self.val_shards is not None:
             self.val_set = ValStream(
                 expand_shards(self.val_shards),
@@ -117,6 +178,8 @@ class ShardDataModule(pl.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
                 caption_key=self.caption_key,
+                background=self.background,
+                retries=self.retries,
             )
 
     def _loader(self, dataset: Any) -> DataLoader:
@@ -128,10 +191,48 @@ class ShardDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def _add_stats_callback(self) -> None:
+        """Give the trainer a DataStatsCallback (before the checkpoint callbacks) unless it has one."""
+        trainer = self.trainer
+        if trainer is None or any(isinstance(c, DataStatsCallback) for c in trainer.callbacks):
+            return
+        position = next((i for i, c in enumerate(trainer.callbacks)
+                         if isinstance(c, pl.callbacks.Checkpoint)), len(trainer.callbacks))
+        trainer.callbacks.insert(position, DataStatsCallback(max_skip_fraction=self.max_skip_fraction))
+
+    def _resume_key(self) -> dict[str, Any]:
+        """What must be unchanged for a saved mid-epoch position to mean the same samples."""
+        _, world_size = self._rank_world()
+        return {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size,
+                "num_workers": self.num_workers, "world_size": world_size,
+                "shuffle_buffer": self.shuffle_buffer}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position (epoch, batches consumed this epoch on each rank), saved in checkpoints."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, **self._resume_key()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the saved position; train_dataloader() makes the stream skip what was consumed."""
+        self._resume_state = dict(state_dict) if state_dict else None
+
     def train_dataloader(self) -> DataLoader:
-        """Exactly `epoch_length` batches per epoch on this rank."""
+        """Exactly len(train_set) batches per epoch on this rank, starting at the trainer's epoch."""
         if self.train_set is None:
             self.setup("fit")
+        assert self.train_set is not None
+        if self.trainer is not None:
+            self.train_set.set_epoch(self.trainer.current_epoch)
+        state = self._resume_state
+        if state:
+            key = {k: state.get(k) for k in self._resume_key()}
+            if key != self._resume_key():
+                log.warning("data settings changed since the checkpoint (%s -> %s): the interrupted "
+                            "epoch restarts from its beginning", key, self._resume_key())
+            elif 0 < state["batches"] < len(self.train_set):
+                self.train_set.resume_at(state["epoch"], state["batches"])
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader | list:

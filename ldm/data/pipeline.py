@@ -1,216 +1,118 @@
-"""WebDataset streams of (image, caption) batches for training and validation.
+"""Streams of (image, caption) batches over WebDataset shards, equal in length on every DDP rank.
 
-Shards are tars in img2dataset's layout (`{key}.jpg|png|webp`, `{key}.txt`, ...).
-Each stream is read by a number of *consumers*: every DataLoader worker of
-every DDP rank. Shards are dealt round-robin to consumers; when there are fewer
-shards than consumers, every consumer reads every shard and keeps every n-th
-sample, so the parts stay disjoint and complete either way.
+Each stream is read by a number of *consumers*: every DataLoader worker of every
+rank. An uneven batch count between ranks hangs DDP at the next collective, so
+every consumer knows up front exactly how many batches it yields in an epoch:
 
-Training is an endless resampled stream per consumer cut into epochs of a fixed
-number of batches, so every rank takes the same number of optimizer steps (an
-uneven count hangs DDP at the next collective). Validation is one finite,
-ordered pass.
+- finite: one pass over the data per epoch. The shards, in an order reshuffled
+  by (seed, epoch), are laid end to end; that sequence of samples is cut into
+  `world_size * batch_size * B` leading samples (B = batches per rank), dealt in
+  contiguous ranges to ranks and then workers. No sample is seen twice within an
+  epoch, fewer than `world_size * batch_size` are left out, and which ones
+  changes with the epoch. Needs the sample count of every shard.
+- resampled: an endless stream per consumer (its shards in a fresh random order
+  on every pass) cut into epochs of `epoch_length` batches per rank, for data
+  too large to count or to finish.
 
-Only image members are decoded, by PIL; nothing is ever unpickled.
+Fewer shards than consumers works in both modes (consumers share shards by
+sample ranges or strides). A stream is a function of (seed, epoch, rank,
+worker), so a restart can skip what an interrupted epoch already consumed.
+Samples that fail to decode are skipped and counted; in finite mode a short
+part is padded with repeats of its last samples (counted too) so the batch
+count never changes. Counts travel with each batch under "data_stats".
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
-from functools import lru_cache, partial
-from pathlib import Path
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from typing import Any
 
-import braceexpand
-import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from ldm.data.decode import STAT_KEYS, DecodeOptions, Filtered, decode_sample
+from ldm.data.shards import (  # noqa: F401 (re-exported: the data module and tests import them from here)
+    IMAGE_EXTENSIONS,
+    Sample,
+    ShardSpec,
+    count_samples,
+    expand_shards,
+    read_samples,
+    shard_counts,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-ShardSpec = str | Path | Sequence[str | Path]
-
-_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
+MODES = ("finite", "resampled")
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard lists
+# Who reads what
 
 
-def _is_local(url: str) -> bool:
-    return not url.startswith(_REMOTE_PREFIXES)
-
-
-def expand_shards(spec: ShardSpec) -> list[str]:
-    """Turn a brace pattern, a directory of .tar files, or a list of those into shard paths.
-
-    Local shards are checked here, so a typo fails when the data set is built rather
-    than inside a DataLoader worker mid-epoch.
-    """
-    if isinstance(spec, (str, Path)):
-        specs = [spec]
-    else:
-        specs = list(spec)
-    urls: list[str] = []
-    for item in specs:
-        item = str(item)
-        if _is_local(item) and Path(item).is_dir():
-            found = sorted(str(p) for p in Path(item).glob("*.tar"))
-            if not found:
-                raise FileNotFoundError(f"no .tar shards in directory {item}")
-            urls += found
-        else:
-            urls += list(braceexpand.braceexpand(item))
-    if not urls:
-        raise ValueError(f"shard spec {spec!r} names no shards")
-    for url in urls:
-        path = url[len("file:") :] if url.startswith("file:") else url
-        if _is_local(url) and not Path(path).is_file():
-            raise FileNotFoundError(f"shard not found: {path}")
-    return urls
-
-
-@lru_cache(maxsize=64)
-def _read_json_cached(path: str, mtime_ns: int) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def _read_json(path: str) -> Any:
-    """Parse a JSON file once per version of it (info.json is consulted for every shard)."""
-    return _read_json_cached(path, Path(path).stat().st_mtime_ns)
-
-
-def _shard_count(url: str) -> int | None:
-    """Samples in one local shard from img2dataset's `{shard}_stats.json` or our `info.json`."""
-    if not _is_local(url):
-        return None
-    shard = Path(url).resolve()
-    stats = shard.with_name(f"{shard.stem}_stats.json")
-    try:
-        if stats.is_file():
-            return int(_read_json(str(stats))["successes"])
-        for root in (shard.parent, shard.parent.parent):
-            info_path = root / "info.json"
-            if not info_path.is_file():
-                continue
-            for split in _read_json(str(info_path)).get("splits", {}).values():
-                for entry in split.get("shards", []):
-                    if (root / entry["path"]).resolve() == shard:
-                        return int(entry["num_samples"])
-    except (OSError, ValueError, KeyError, TypeError) as exn:
-        log.warning("could not read the sample count of %s: %r", url, exn)
-    return None
-
-
-def count_samples(urls: Sequence[str]) -> int | None:
-    """Total samples in the shards if every shard's count is recorded next to it, else None."""
-    total = 0
-    for url in urls:
-        count = _shard_count(url)
-        if count is None:
-            return None
-        total += count
-    return total
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding
-
-
-class SkipCounter:
-    """Exception handler that skips a bad shard or sample, counts it and says so.
-
-    Counts are per process (each DataLoader worker has its own copy).
-    """
-
-    def __init__(self, what: str = "sample") -> None:
-        self.what = what
-        self.count = 0
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning("skipped a %s (%d so far in this process): %r", self.what, self.count, exn)
-        return True
-
-
-class _KeepMembers:
-    """Tar member filter: read only images and the caption, never other payloads."""
-
-    def __init__(self, caption_key: str) -> None:
-        self.extensions = {*IMAGE_EXTENSIONS, caption_key.lower()}
-
-    def __call__(self, fname: str) -> bool:
-        name = fname.rsplit("/", 1)[-1]
-        return "." in name and name.split(".", 1)[1].lower() in self.extensions
-
-
-def load_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Encoded image bytes -> RGB, shorter side resized to `resolution`, centre crop -> 3xRxR in [-1, 1]."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced scale when much larger
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            image = image.convert("RGB")
-    width, height = image.size
-    if (width, height) != (resolution, resolution):
-        scale = resolution / min(width, height)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    array = torch.from_numpy(np.array(image, dtype=np.uint8))
-    return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str = "txt") -> dict[str, Any]:
-    """Raw tar sample (bytes per extension) -> {"image", "caption", "key"}; no image is an error."""
-    fields = {key.lower(): value for key, value in sample.items()}
-    data = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
-    if data is None:
-        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
-    caption = fields.get(caption_key.lower(), b"")
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8", errors="replace")
-    return {
-        "image": load_image(data, resolution),
-        "caption": caption.strip(),
-        "key": sample.get("__key__", ""),
-    }
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Decoded samples -> {"image": Bx3xRxR, "caption": [str], "key": [str]}."""
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Splitting across ranks and workers
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader process we run in; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 def consumer(rank: int, world_size: int) -> tuple[int, int]:
     """(index, count) of this reader among all DataLoader workers of all ranks."""
-    info = get_worker_info()
-    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    worker, num_workers = worker_info()
     return rank * num_workers + worker, world_size * num_workers
 
 
+def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
+    """Batches worker `worker` yields out of a rank's `num_batches`: the first ones take one more.
+
+    The DataLoader asks its workers in turn, so batch j of the rank comes from worker j % num_workers.
+    """
+    return num_batches // num_workers + (worker < num_batches % num_workers)
+
+
+def finite_batches(total_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank per epoch in finite mode: every rank the same, fewer than a global batch left out."""
+    return total_samples // (world_size * batch_size)
+
+
+def finite_parts(
+    counts: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+) -> list[tuple[int, int, int]]:
+    """(shard index, start, stop) sample ranges that one consumer reads in one finite epoch.
+
+    Shards are laid end to end in an order drawn from (seed, epoch); rank r, worker w
+    takes the contiguous range after the ranges of earlier ranks and workers. The
+    ranges are disjoint and hold exactly worker_share(...) * batch_size samples.
+    """
+    order = list(range(len(counts)))
+    random.Random(f"finite:{seed}:{epoch}").shuffle(order)
+    per_rank = finite_batches(sum(counts), world_size, batch_size)
+    before = sum(worker_share(per_rank, w, num_workers) for w in range(worker))
+    start = (rank * per_rank + before) * batch_size
+    stop = start + worker_share(per_rank, worker, num_workers) * batch_size
+    parts, position = [], 0
+    for shard in order:
+        lo, hi = max(position, start), min(position + counts[shard], stop)
+        if lo < hi:
+            parts.append((shard, lo - position, hi - position))
+        position += counts[shard]
+    return parts
+
+
 def assign_shards(urls: Sequence[str], index: int, count: int) -> tuple[list[str], int, int]:
-    """This consumer's shards and the sample stride/offset it keeps within each.
+    """This consumer's shards and the sample stride/offset it keeps within each (resampled, validation).
 
     Enough shards: deal them round-robin, keep every sample. Too few: read all of
     them, keep sample i when i % count == index.
@@ -220,56 +122,129 @@ def assign_shards(urls: Sequence[str], index: int, count: int) -> tuple[list[str
     return list(urls), count, index
 
 
-def _read_shards(
-    urls: Sequence[str], stride: int, offset: int, handler: SkipCounter, keep: _KeepMembers
-) -> Iterator[dict]:
-    """Raw samples of the given shards in order, keeping every `stride`-th one from `offset`."""
-    for url in urls:
-        samples = wds.tarfile_samples([{"url": url}], handler=handler, select_files=keep)
-        for i, sample in enumerate(samples):
-            if i % stride == offset:
-                yield sample
+# ---------------------------------------------------------------------------------------------
+# Batches
 
 
-def _resampled_shards(
-    urls: Sequence[str],
-    stride: int,
-    offset: int,
-    handler: SkipCounter,
-    keep: _KeepMembers,
-    rng: random.Random,
-) -> Iterator[dict]:
-    """Endless raw samples: passes over the shards, each pass in a new random order."""
-    while True:
-        order = list(urls)
-        rng.shuffle(order)
-        yielded = 0
-        for sample in _read_shards(order, stride, offset, handler, keep):
-            yielded += 1
-            yield sample
-        if yielded == 0:
-            raise RuntimeError(f"a full pass over {len(order)} shards gave no samples (first: {order[0]})")
+class Counters(dict):
+    """Per-worker counts (see STAT_KEYS); `take()` hands over what accumulated since the last batch."""
+
+    def __init__(self) -> None:
+        super().__init__({key: 0 for key in STAT_KEYS})
+
+    def take(self) -> dict[str, int]:
+        taken = dict(self)
+        for key in self:
+            self[key] = 0
+        return taken
 
 
-class _DecodeGuard:
-    """Decode map that fails loudly when nothing at all decodes, instead of spinning forever."""
+def collate(samples: list[dict[str, Any]], stats: dict[str, int] | None = None) -> dict[str, Any]:
+    """Decoded samples -> {"image": Bx3xRxR, "caption": [str], "key": [str], "data_stats": {name: int}}."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "data_stats": stats if stats is not None else {key: 0 for key in STAT_KEYS},
+    }
 
-    def __init__(self, resolution: int, caption_key: str, handler: SkipCounter) -> None:
-        self.resolution = resolution
-        self.caption_key = caption_key
-        self.handler = handler
+
+def shuffled(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
+    """Sample-level shuffle buffer over raw (still encoded, so small) samples."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _Decoder:
+    """Decode with counting; loud when nothing at all decodes instead of spinning forever."""
+
+    def __init__(self, options: DecodeOptions, stats: Counters, seed: str | None) -> None:
+        self.options = options
+        self.stats = stats
+        self.seed = seed  # per-sample crop/flip randomness, so a resumed epoch crops alike
         self.decoded = 0
+        self.skipped = 0
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, sample: Sample) -> dict[str, Any] | None:
+        self.stats["samples"] += 1
+        rng = random.Random(f"{self.seed}:{sample.get('__key__')}") if self.seed is not None else None
         try:
-            result = decode_sample(sample, self.resolution, self.caption_key)
-        except Exception as exn:
-            self.handler(exn)
-            if self.decoded == 0 and self.handler.count >= 100:
-                raise RuntimeError(f"the first {self.handler.count} samples all failed to decode") from exn
+            result = decode_sample(sample, self.options, self.stats, rng)
+        except Filtered:
+            self.stats["filtered"] += 1
+            return None
+        except Exception as exn:  # any undecodable payload: skip it, count it, say so (rate-limited)
+            self.stats["skipped"] += 1
+            self.skipped += 1
+            skipped = self.skipped
+            if skipped <= 10 or skipped % 1000 == 0:
+                log.warning("skipped sample %s of %s (%d so far in this worker): %r",
+                            sample.get("__key__"), sample.get("__url__"), skipped, exn)
+            if self.decoded == 0 and skipped >= 100:
+                raise RuntimeError(f"the first {skipped} samples all failed to decode") from exn
             return None
         self.decoded += 1
         return result
+
+
+def _blank(options: DecodeOptions) -> dict[str, Any]:
+    return {"image": torch.zeros(3, options.resolution, options.resolution), "caption": "", "key": ""}
+
+
+def make_batches(
+    raw: Iterable[Sample],
+    decoder: _Decoder,
+    *,
+    batch_size: int,
+    num_batches: int,
+    pad: bool,
+) -> Iterator[dict[str, Any]]:
+    """Exactly `num_batches` full batches from raw samples (padding with repeats if `pad`, else an error)."""
+    stats = decoder.stats
+    batch: list[dict[str, Any]] = []
+    recent: deque[dict[str, Any]] = deque(maxlen=batch_size)
+    produced = 0
+    if num_batches <= 0:
+        return
+    for sample in raw:
+        example = decoder(sample)
+        if example is None:
+            continue
+        batch.append(example)
+        recent.append(example)
+        if len(batch) == batch_size:
+            yield collate(batch, _public(stats.take()))
+            batch = []
+            produced += 1
+            if produced == num_batches:
+                return
+    if not pad:
+        raise RuntimeError("the sample stream ended early (no shard gave a sample)")
+    fill = list(recent) or [_blank(decoder.options)]
+    i = 0
+    while produced < num_batches:
+        batch.append(fill[i % len(fill)])
+        stats["padded"] += 1
+        i += 1
+        if len(batch) == batch_size:
+            yield collate(batch, _public(stats.take()))
+            batch = []
+            produced += 1
+
+
+def _public(stats: dict[str, int]) -> dict[str, int]:
+    return {key: stats[key] for key in STAT_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,13 +252,11 @@ class _DecodeGuard:
 
 
 class TrainStream(IterableDataset):
-    """Shuffled, endless batches; each epoch is exactly `epoch_length` batches on this rank.
+    """Shuffled training batches, exactly `len(self)` per epoch on this rank whatever the worker count.
 
-    The epoch's batches are divided between DataLoader workers (the first
-    `epoch_length % num_workers` workers give one more), so the DataLoader yields
-    exactly `epoch_length` per epoch with any worker count. The underlying stream
-    lives on in each worker across epochs (use persistent workers), so epochs
-    continue the data rather than replay it.
+    The epoch reaches the workers even when they persist across epochs: each
+    `iter()` in a process counts one epoch on from the last `set_epoch` (the
+    DataLoader calls `iter(dataset)` in every worker once per epoch).
     """
 
     def __init__(
@@ -292,61 +265,131 @@ class TrainStream(IterableDataset):
         *,
         resolution: int,
         batch_size: int,
-        epoch_length: int,
+        mode: str = "resampled",
+        epoch_length: int | None = None,
+        counts: Sequence[int] | None = None,
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         seed: int = 0,
         caption_key: str = "txt",
+        crop: str = "center",
+        flip_p: float = 0.0,
+        background: Sequence[int] = (255, 255, 255),
+        min_size: int = 0,
+        retries: int = 2,
     ) -> None:
         super().__init__()
-        if epoch_length < 1 or batch_size < 1:
-            raise ValueError(f"epoch_length and batch_size must be >= 1, got {epoch_length}, {batch_size}")
+        if mode not in MODES:
+            raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.urls = list(urls)
-        self.resolution = resolution
+        self.mode = mode
         self.batch_size = batch_size
-        self.epoch_length = epoch_length
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.caption_key = caption_key
-        self._batches: Iterator[dict[str, Any]] | None = None
+        self.retries = retries
+        self.options = DecodeOptions(resolution=resolution, caption_key=caption_key, crop=crop,
+                                     flip_p=flip_p, background=tuple(background), min_size=min_size)
+        if mode == "finite":
+            if counts is None or len(counts) != len(self.urls):
+                raise ValueError("finite mode needs the sample count of every shard")
+            self.counts = [int(c) for c in counts]
+            self.num_batches = finite_batches(sum(self.counts), world_size, batch_size)
+            if self.num_batches < 1:
+                raise ValueError(
+                    f"{sum(self.counts)} training samples are fewer than world_size * batch_size = "
+                    f"{world_size} * {batch_size}: lower data.batch_size or add data"
+                )
+        else:
+            if epoch_length is None or epoch_length < 1:
+                raise ValueError(f"resampled mode needs epoch_length >= 1 batches, got {epoch_length!r}")
+            self.counts = list(counts) if counts is not None else []
+            self.num_batches = int(epoch_length)
+        self.epoch = 0
+        self._iterations = 0
+        self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
-        return self.epoch_length
+        return self.num_batches
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_batches"] = None  # a live generator stays in the process that made it
-        return state
+    def set_epoch(self, epoch: int) -> None:
+        """The next `iter()` in this process (or in workers started from it) yields epoch `epoch`."""
+        self.epoch = int(epoch)
+        self._iterations = 0
 
-    def _stream(self) -> Iterator[dict[str, Any]]:
-        index, count = consumer(self.rank, self.world_size)
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Epoch `epoch` yields only what follows its first `batches` batches on this rank."""
+        self._resume = (int(epoch), int(batches))
+
+    def _skip(self, epoch: int, worker: int, num_workers: int) -> int:
+        """Batches this worker already delivered in an interrupted epoch (batch j came from worker j % W)."""
+        if self._resume is None or self._resume[0] != epoch:
+            return 0
+        consumed = min(self._resume[1], self.num_batches)
+        return consumed // num_workers + (worker < consumed % num_workers)
+
+    def _raw(self, epoch: int, worker: int, num_workers: int, stats: Counters) -> Iterator[Sample]:
+        keep = self.options.keeps()
+        if self.mode == "finite":
+            parts = finite_parts(self.counts, seed=self.seed, epoch=epoch, rank=self.rank,
+                                 world_size=self.world_size, worker=worker, num_workers=num_workers,
+                                 batch_size=self.batch_size)
+
+            def lost(stop: int) -> Callable[[str, int, Exception], None]:
+                def record(url: str, position: int, exn: Exception) -> None:
+                    stats["failed_shards"] += 1
+                    stats["samples"] += max(0, stop - position)
+                    stats["skipped"] += max(0, stop - position)
+
+                return record
+
+            return chain.from_iterable(
+                read_samples(self.urls[i], keep, start=lo, stop=hi, retries=self.retries, on_failure=lost(hi))
+                for i, lo, hi in parts
+            )
+        index, count = self.rank * num_workers + worker, self.world_size * num_workers
         urls, stride, offset = assign_shards(self.urls, index, count)
-        rng = random.Random(f"train:{self.seed}:{index}:{count}")
-        handler = SkipCounter()
-        source = partial(
-            _resampled_shards, urls, stride, offset, handler, _KeepMembers(self.caption_key), rng
-        )
-        pipeline = wds.DataPipeline(
-            source,
-            wds.map(_DecodeGuard(self.resolution, self.caption_key, handler)),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
-            if self.shuffle_buffer > 1
-            else None,
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
-        )
-        return iter(pipeline)
+        rng = random.Random(f"passes:{self.seed}:{epoch}:{index}:{count}")
+
+        def failed(url: str, position: int, exn: Exception) -> None:
+            stats["failed_shards"] += 1
+
+        def endless() -> Iterator[Sample]:
+            while True:
+                order = list(urls)
+                rng.shuffle(order)
+                yielded = 0
+                for url in order:
+                    for sample in read_samples(url, keep, stride=stride, offset=offset,
+                                               retries=self.retries, on_failure=failed):
+                        yielded += 1
+                        yield sample
+                if yielded == 0:
+                    raise RuntimeError(f"a full pass over {len(order)} shards gave no samples (first: {order[0]})")
+
+        return endless()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        share = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
-        if self._batches is None:
-            self._batches = self._stream()
-        for _ in range(share):
-            yield next(self._batches)
+        worker, num_workers = worker_info()
+        epoch = self.epoch + self._iterations
+        self._iterations += 1
+        share = worker_share(self.num_batches, worker, num_workers)
+        skip = self._skip(epoch, worker, num_workers)
+        index = self.rank * num_workers + worker
+        stats = Counters()
+        rng = random.Random(f"shuffle:{self.seed}:{epoch}:{index}:{self.world_size * num_workers}")
+        raw = shuffled(self._raw(epoch, worker, num_workers, stats), self.shuffle_buffer, rng)
+        for _ in range(skip * self.batch_size):  # resume: drop what was consumed, undecoded
+            if next(raw, None) is None:
+                break
+        random_aug = self.options.crop == "random" or self.options.flip_p > 0
+        decoder = _Decoder(self.options, stats, f"{self.seed}:{epoch}" if random_aug else None)
+        yield from make_batches(raw, decoder, batch_size=self.batch_size, num_batches=share - skip,
+                                pad=self.mode == "finite")
 
 
 class ValStream(IterableDataset):
@@ -355,7 +398,7 @@ class ValStream(IterableDataset):
     Ranks read disjoint parts that together cover every sample once, but their
     batch counts can differ by a few when shards or samples don't divide evenly.
     That is harmless as long as validation steps do no collectives (log with
-    sync_dist only at epoch end). TODO: pad to an equal count per rank.
+    sync_dist only at epoch end).
     """
 
     def __init__(
@@ -367,24 +410,35 @@ class ValStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         caption_key: str = "txt",
+        background: Sequence[int] = (255, 255, 255),
+        retries: int = 2,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.urls = list(urls)
-        self.resolution = resolution
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
-        self.caption_key = caption_key
+        self.retries = retries
+        self.options = DecodeOptions(resolution=resolution, caption_key=caption_key,
+                                     background=tuple(background))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = consumer(self.rank, self.world_size)
         urls, stride, offset = assign_shards(self.urls, index, count)
-        handler = SkipCounter()
-        pipeline = wds.DataPipeline(
-            partial(_read_shards, urls, stride, offset, handler, _KeepMembers(self.caption_key)),
-            wds.map(_DecodeGuard(self.resolution, self.caption_key, handler)),
-            wds.batched(self.batch_size, collation_fn=collate, partial=True),
-        )
-        yield from pipeline
+        stats = Counters()
+        keep = self.options.keeps()
+        decoder = _Decoder(self.options, stats, None)
+        batch: list[dict[str, Any]] = []
+        for url in urls:
+            for sample in read_samples(url, keep, stride=stride, offset=offset, retries=self.retries):
+                example = decoder(sample)
+                if example is None:
+                    continue
+                batch.append(example)
+                if len(batch) == self.batch_size:
+                    yield collate(batch, _public(stats.take()))
+                    batch = []
+        if batch:
+            yield collate(batch, _public(stats.take()))

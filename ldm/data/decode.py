@@ -1,0 +1,150 @@
+"""Raw tar samples -> (image tensor, caption), with PIL and UTF-8 only, and counts of what went wrong.
+
+Every image mode a web crawl produces is turned into RGB: transparency is
+composited on a configurable background (a transparent logo on black would
+otherwise turn into a black square), palette, grey, CMYK and 16-bit images are
+converted with their full range. Payloads other than the image, the caption
+and (when a size filter needs it) the json metadata are never read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.data.shards import IMAGE_EXTENSIONS, Sample
+
+# Counted per DataLoader worker and passed along with every batch (see `collate`).
+STAT_KEYS = ("samples", "skipped", "no_caption", "bad_caption", "filtered", "padded", "failed_shards")
+
+
+class Filtered(Exception):
+    """A sample that decodes but is excluded on purpose (e.g. smaller than `min_size`)."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a sample becomes a training example; one object per stream, picklable into workers."""
+
+    resolution: int
+    caption_key: str = "txt"
+    crop: str = "center"  # center | random
+    flip_p: float = 0.0  # probability of a horizontal flip
+    background: tuple[int, int, int] = (255, 255, 255)  # behind transparent pixels
+    min_size: int = 0  # shorter side of the original image, in pixels; smaller samples are filtered
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"data.flip_p must be in [0, 1], got {self.flip_p!r}")
+        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
+            raise ValueError(f"data.background must be three values in 0..255, got {self.background!r}")
+
+    def keeps(self) -> Callable[[str], bool]:
+        """The member filter: which extensions are read out of a shard at all."""
+        wanted = {*IMAGE_EXTENSIONS, self.caption_key.lower()}
+        if self.min_size > 0:
+            wanted.add("json")
+        return frozenset(wanted).__contains__
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """I;16 / I / F grey images -> 8-bit L with the full range kept (PIL's convert would clip)."""
+    array = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+    elif image.mode.startswith("I;16") or array.max(initial=0.0) > 255:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels are composited on `background`."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _sixteen_bit_to_l(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, tuple(int(c) for c in background))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _original_size(fields: dict[str, Any]) -> tuple[int, int] | None:
+    """(width, height) of the image before img2dataset resized it, from the json, if recorded."""
+    raw = fields.get("json")
+    if not raw:
+        return None
+    meta = json.loads(raw)
+    for w, h in (("original_width", "original_height"), ("width", "height")):
+        if isinstance(meta.get(w), (int, float)) and isinstance(meta.get(h), (int, float)):
+            return int(meta[w]), int(meta[h])
+    return None
+
+
+def load_image(data: bytes, options: DecodeOptions, rng: random.Random | None = None) -> torch.Tensor:
+    """Encoded image -> 3xRxR float tensor in [-1, 1]: RGB, shorter side resized to R, cropped, maybe flipped."""
+    resolution = options.resolution
+    with Image.open(io.BytesIO(data)) as opened:  # everything inside: closing drops the pixels
+        if options.min_size and min(opened.size) < options.min_size:
+            raise Filtered(f"image {opened.size} smaller than min_size {options.min_size}")
+        opened.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale when much larger
+        image = to_rgb(opened, options.background)
+        width, height = image.size
+        if (width, height) != (resolution, resolution):
+            scale = resolution / min(width, height)
+            size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            if options.crop == "random" and rng is not None:
+                left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+            else:
+                left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+        if options.flip_p > 0 and rng is not None and rng.random() < options.flip_p:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = torch.from_numpy(np.array(image, dtype=np.uint8))
+    return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def decode_sample(
+    sample: Sample, options: DecodeOptions, stats: dict[str, int], rng: random.Random | None = None
+) -> dict[str, Any]:
+    """Raw sample (bytes per extension) -> {"image", "caption", "key"}; raises when it cannot be used.
+
+    A missing caption becomes "" and a caption that is not UTF-8 is decoded with
+    replacement characters; both are counted in `stats`.
+    """
+    fields = {key.lower(): value for key, value in sample.items()}
+    data = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
+    if data is None:
+        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+    if options.min_size:
+        size = _original_size(fields)
+        if size is not None and min(size) < options.min_size:
+            raise Filtered(f"original size {size} smaller than min_size {options.min_size}")
+    image = load_image(data, options, rng)
+    raw = fields.get(options.caption_key.lower())
+    if raw is None:
+        stats["no_caption"] += 1
+        caption = ""
+    else:
+        try:
+            caption = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats["bad_caption"] += 1
+            caption = raw.decode("utf-8", errors="replace")
+    return {"image": image, "caption": caption.strip(), "key": sample.get("__key__", "")}
