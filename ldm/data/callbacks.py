@@ -47,7 +47,7 @@ class DataStatsCallback(pl.Callback):
 
     def sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
         """Add the counts of all ranks since the last call to the totals, log them, check the limit."""
-        summed = trainer.strategy.reduce(self.pending.to(pl_module.device), reduce_op="sum").cpu()
+        summed = trainer.strategy.reduce(self.pending.clone().to(pl_module.device), reduce_op="sum").cpu()
         self.pending.zero_()
         for key, value in zip(STAT_KEYS, summed.tolist(), strict=True):
             self.totals[key] += int(value)

@@ -179,6 +179,7 @@ class ShardDataModule(pl.LightningDataModule):
                 world_size=world_size,
                 caption_key=self.caption_key,
                 background=self.background,
+                min_size=self.min_size,
                 retries=self.retries,
             )
 

@@ -96,11 +96,16 @@ def _original_size(fields: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def load_image(data: bytes, options: DecodeOptions, rng: random.Random | None = None) -> torch.Tensor:
-    """Encoded image -> 3xRxR float tensor in [-1, 1]: RGB, shorter side resized to R, cropped, maybe flipped."""
+def load_image(
+    data: bytes, options: DecodeOptions, rng: random.Random | None = None, check_size: bool = True
+) -> torch.Tensor:
+    """Encoded image -> 3xRxR float tensor in [-1, 1]: RGB, shorter side resized to R, cropped, maybe flipped.
+
+    `check_size=False` skips the min_size test on the decoded image (the caller knew the original size).
+    """
     resolution = options.resolution
     with Image.open(io.BytesIO(data)) as opened:  # everything inside: closing drops the pixels
-        if options.min_size and min(opened.size) < options.min_size:
+        if check_size and options.min_size and min(opened.size) < options.min_size:
             raise Filtered(f"image {opened.size} smaller than min_size {options.min_size}")
         opened.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale when much larger
         image = to_rgb(opened, options.background)
@@ -132,11 +137,10 @@ def decode_sample(
     data = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
     if data is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
-    if options.min_size:
-        size = _original_size(fields)
-        if size is not None and min(size) < options.min_size:
-            raise Filtered(f"original size {size} smaller than min_size {options.min_size}")
-    image = load_image(data, options, rng)
+    size = _original_size(fields) if options.min_size else None
+    if size is not None and min(size) < options.min_size:
+        raise Filtered(f"original size {size} smaller than min_size {options.min_size}")
+    image = load_image(data, options, rng, check_size=size is None)  # img2dataset may have resized it
     raw = fields.get(options.caption_key.lower())
     if raw is None:
         stats["no_caption"] += 1

@@ -411,6 +411,7 @@ class ValStream(IterableDataset):
         world_size: int = 1,
         caption_key: str = "txt",
         background: Sequence[int] = (255, 255, 255),
+        min_size: int = 0,
         retries: int = 2,
     ) -> None:
         super().__init__()
@@ -422,7 +423,7 @@ class ValStream(IterableDataset):
         self.world_size = world_size
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key,
-                                     background=tuple(background))
+                                     background=tuple(background), min_size=min_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = consumer(self.rank, self.world_size)
