@@ -44,13 +44,15 @@ def test_vae_then_ldm_then_sample(workdir):
     assert (run_export / "diffusers" / "config.json").exists() and (run_export / "vae.safetensors").exists()
 
     run_script("train.py", "stage=ldm", *common, "trainer.max_steps=4", "trainer.val_check_interval=4",
-               "stage.num_val_prompts=4", "stage.module.num_inference_steps=3", cwd=work)
+               "stage.num_val_prompts=4", "stage.module.num_inference_steps=3", "stage.module.metrics.num_samples=6",
+               cwd=work)
     finished = list((work / "runs" / "ldm").glob("*/summary.json"))  # the failed start above left a dir too
     assert len(finished) == 1
     ldm_run = finished[0].parent
     summary = json.loads(finished[0].read_text())
     assert summary["global_step"] == 4
     assert "val/prompt_accuracy/all" in summary["metrics"]
+    assert summary["metrics"]["val/fid"] > 0 and summary["metrics"]["val/clip_score"] > 0  # offline extractors
     meta = json.loads((ldm_run / "export" / "unet.json").read_text())
     assert meta["scale_factor"] > 0
     assert (ldm_run / "export" / "diffusers" / "unet" / "config.json").exists()

@@ -15,6 +15,7 @@ from ldm.diffusion.samplers import check_sampler, classifier_free_guidance, samp
 from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
 from ldm.diffusion.weighting import min_snr_weight
+from ldm.metrics.generation import GenerationMetrics
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
 
@@ -27,7 +28,7 @@ class LatentDiffusionModule(pl.LightningModule):
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, metrics: dict[str, Any] | None = None):
         super().__init__()
         check_prediction_type(prediction_type)
         check_sampler(sampler, prediction_type)
@@ -51,6 +52,12 @@ class LatentDiffusionModule(pl.LightningModule):
         self.schedule = build_schedule(prediction_type, schedule, flow)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
+        metrics = dict(metrics or {})
+        self.num_metric_samples = int(metrics.pop("num_samples", 0))
+        # Frozen scoring networks: rebuilt from the config, never stored in checkpoints (see on_save_checkpoint).
+        self.val_metrics = GenerationMetrics(**metrics) if self.num_metric_samples > 0 else None
+        self._metric_images: list[torch.Tensor] = []
+        self._metric_prompts: list[str] = []
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> LatentDiffusionModule:
@@ -169,8 +176,22 @@ class LatentDiffusionModule(pl.LightningModule):
         return self.decode_latents(z)
 
     # ------------------------------------------------------------------ validation
+    def _metric_share(self) -> int:
+        """This rank's part of metrics.num_samples (the first ranks take the remainder)."""
+        world, rank = self.trainer.world_size, self.global_rank
+        return self.num_metric_samples // world + (rank < self.num_metric_samples % world)
+
+    def on_validation_epoch_start(self) -> None:
+        self._metric_images, self._metric_prompts = [], []
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images, captions = batch["image"], list(batch["caption"])
+        if self.val_metrics is not None:  # the first validation images and their captions: a fixed set per run
+            room = self._metric_share() - len(self._metric_prompts)
+            if room > 0:
+                self._metric_prompts += captions[:room]
+                if not self.val_metrics.has_real:
+                    self._metric_images.append(images[:room])
         if float(self.scale_factor) <= 0:
             self._estimate_scale_factor(images)
         z0 = self.encode_images(images)
@@ -182,8 +203,12 @@ class LatentDiffusionModule(pl.LightningModule):
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=z0.shape[0])
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        if self.val_metrics is not None:
+            self._log_generation_metrics()
         prompts = self.hparams.val_prompts
-        if not prompts or self.trainer.sanity_checking:
+        if not prompts:
             return
         # Each rank samples its share of the fixed prompt list; metrics are averaged over ranks.
         mine = prompts[self.global_rank::self.trainer.world_size]
@@ -201,3 +226,35 @@ class LatentDiffusionModule(pl.LightningModule):
             k = min(len(mine), 16)
             log_image(self.logger, "val/samples", make_grid(images[:k], nrow=4), self.global_step,
                       caption=" | ".join(mine[:k]))
+
+    def _log_generation_metrics(self) -> None:
+        """FID and CLIP score of EMA samples for the fixed validation captions; every rank does its share."""
+        metrics = self.val_metrics
+        if not metrics.has_real:
+            for images in self._metric_images:
+                metrics.update_real(images)
+            metrics.has_real = True
+        prompts = self._metric_prompts
+        first = sum(self.num_metric_samples // self.trainer.world_size + (r < self.num_metric_samples %
+                                                                          self.trainer.world_size)
+                    for r in range(self.global_rank))
+        batch = max(1, self.trainer.datamodule.val_batch_size if self.trainer.datamodule is not None else 16)
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start:start + batch]
+            seeds = [self.hparams.val_seed + 100_000 + first + start + i for i in range(len(chunk))]
+            metrics.update_generated(self.generate(chunk, seeds=seeds), chunk)
+        values = metrics.compute()  # synchronizes the metric states across ranks
+        metrics.reset()
+        self.log_dict({f"val/{k}": float(v) for k, v in values.items()}, rank_zero_only=True, batch_size=1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("val_metrics.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith("val_metrics."):
+                state.setdefault(key, value)
