@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"epsilon": [], "v_prediction": ["experiment=v_prediction"], "flow": ["experiment=flow"]}

@@ -55,6 +55,11 @@ def build_openclip(model_name: str | None = None, pretrained: str | None = None,
     import open_clip
 
     if model_name:
+        if pretrained and cache_dir:  # a file `python -m ldm.prefetch` put there: load it, no hub lookup
+            from ldm.weights import openclip_weights
+
+            local = openclip_weights(cache_dir, model_name, pretrained)
+            pretrained = str(local) if local is not None else pretrained
         model = open_clip.create_model(model_name, pretrained=pretrained or None, cache_dir=cache_dir)
         tokenizer = open_clip.get_tokenizer(model_name)
     else:
