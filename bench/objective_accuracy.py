@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"epsilon": [], "v_prediction": ["experiment=v_prediction"], "flow": ["experiment=flow"]}
 SAMPLERS = {"epsilon": [("ddim", 50), ("dpmpp_2m", 20)], "v_prediction": [("ddim", 50), ("dpmpp_2m", 20)],
