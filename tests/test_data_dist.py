@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -223,3 +224,56 @@ def test_datamodule_finite_mode_with_persistent_workers(tmp_path: Path) -> None:
     assert set(epochs[0]) != set(epochs[1])  # persistent workers still move on to the next epoch
     with pytest.raises(ValueError, match="epoch_length applies to data.mode=resampled"):
         ShardDataModule(train_shards=str(tmp_path / "s"), val_shards=None, mode="finite", epoch_length=3)
+
+
+class _Recorder(pl.Callback):
+    """Keys of every training batch, by epoch."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, list[tuple[str, ...]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.keys.setdefault(trainer.current_epoch, []).append(tuple(batch["key"]))
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["image"].mean((2, 3))).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("mode", ["resampled", "finite"])
+def test_lightning_resume_mid_epoch_continues_the_epoch(tmp_path: Path, mode: str) -> None:
+    """Stopped after 3 of 6 batches and resumed from that checkpoint: the run sees the other 3, then epoch 1."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ldm.data.datamodule import ShardDataModule
+
+    write_shards(tmp_path / "s")
+    data = {"train_shards": str(tmp_path / "s"), "val_shards": None, "resolution": 8, "num_workers": 2,
+            "shuffle_buffer": 8, "seed": 1, "mode": mode}
+    data.update({"batch_size": 4, "epoch_length": 6} if mode == "resampled" else {"batch_size": 8})
+
+    def fit(max_steps: int = -1, ckpt_path: str | None = None) -> _Recorder:
+        recorder = _Recorder()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        trainer = pl.Trainer(max_epochs=2, max_steps=max_steps, accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, checkpoint],
+                             num_sanity_val_steps=0)
+        trainer.fit(_Tiny(), datamodule=ShardDataModule(**data), ckpt_path=ckpt_path)
+        return recorder
+
+    full = fit().keys
+    assert [len(full[e]) for e in (0, 1)] == [6, 6]
+    first = fit(max_steps=3).keys
+    assert first[0] == full[0][:3]
+    ckpt = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    rest = fit(ckpt_path=str(ckpt)).keys
+    assert sorted(rest[0]) == sorted(full[0][3:])  # the rest of the interrupted epoch, no repeats
+    assert rest[1] == full[1]
