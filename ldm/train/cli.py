@@ -21,6 +21,7 @@ from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ld
 from ldm.train.ddp import pin_run_dir_for_children
 from ldm.train.loggers import make_logger
 from ldm.train.run_dir import find_latest_checkpoint
+from ldm.train.throughput import ThroughputMonitor
 
 # Frozen parts (autoencoder, text encoder, EMA copy) are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -161,9 +162,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
     datamodule = instantiate(data_args, _convert_="all")
     logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
-                         run_name=f"{cfg.stage.name}-{run_dir.name}")
+                         run_name=f"{cfg.stage.name}-{run_dir.name}", resume_from=resume)
     if logger is not None:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True),
+                                "overrides": _task_overrides() or [], "resumed_from": resume})
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1,
@@ -171,6 +173,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(ThroughputMonitor(cfg.trainer.get("log_every_n_steps") or 50))
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not module.automatic_optimization:
         trainer_args.pop("gradient_clip_val", None)  # Lightning refuses it; the module clips (see build_module)
