@@ -17,7 +17,7 @@ from PIL import Image
 from ldm.data.callbacks import DataStatsCallback
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.decode import DecodeOptions, load_image, to_rgb
-from ldm.data.pipeline import TrainStream, ValStream
+from ldm.data.pipeline import TrainStream, ValStream, shard_counts
 
 
 class _WritesFile:
@@ -189,3 +189,34 @@ def test_pipe_sources_and_failing_remote_shard_reported_by_name(tmp_path: Path, 
     totals = {k: sum(b["data_stats"][k] for b in batches) for k in batches[0]["data_stats"]}
     assert totals["failed_shards"] == 1 and totals["skipped"] >= 4  # the lost samples count as skipped
     assert "retrying" in caplog.text and f"shard {gone} failed" in caplog.text
+
+
+def test_http_shards_counts_from_remote_stats_and_missing_one_reported(tmp_path: Path, caplog, monkeypatch) -> None:
+    """Shards over HTTP: counts from the _stats.json beside them (no scan), a 404 shard retried then named."""
+    import functools
+    import http.server
+    import json
+    import threading
+
+    write_bad_shard(tmp_path / "00000.tar", tmp_path / "pwned.txt")
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 11}))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/00000.tar", f"{base}/00001.tar"]  # the second does not exist
+        with monkeypatch.context() as patch:
+            patch.setattr("ldm.data.shards.scan_count", lambda url: pytest.fail(f"scanned {url}"))
+            assert shard_counts(urls[:1], tmp_path / "index.json") == [11]
+        stream = TrainStream(urls, resolution=8, batch_size=2, mode="finite", counts=[11, 4], shuffle_buffer=0,
+                             retries=1)
+        with caplog.at_level("WARNING"):
+            batches = list(stream)
+        assert len(batches) == len(stream) == 7
+        assert {k for b in batches for k in b["key"]} >= {"001_gray", "009_palette"}
+        totals = {k: sum(b["data_stats"][k] for b in batches) for k in batches[0]["data_stats"]}
+        assert totals["failed_shards"] == 1 and f"shard {urls[1]} failed" in caplog.text
+    finally:
+        server.shutdown()

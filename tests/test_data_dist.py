@@ -37,7 +37,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(root: Path, sizes: tuple[int, ...] = SIZES, stats: bool = True) -> list[str]:
+def write_shards(root: Path, sizes: tuple[int, ...] = SIZES, stats: bool = True, prefix: str = "s") -> list[str]:
     """Tiny 8 px PNG shards; keys say which shard and sample they are (s2_0005)."""
     root.mkdir(parents=True, exist_ok=True)
     urls = []
@@ -47,8 +47,8 @@ def write_shards(root: Path, sizes: tuple[int, ...] = SIZES, stats: bool = True)
             for i in range(n):
                 png = io.BytesIO()
                 Image.new("RGB", (8, 8), (s * 40, i * 10 % 256, 7)).save(png, format="PNG")
-                _add(tar, f"s{s}_{i:04d}.png", png.getvalue())
-                _add(tar, f"s{s}_{i:04d}.txt", f"shard {s} sample {i}".encode())
+                _add(tar, f"{prefix}{s}_{i:04d}.png", png.getvalue())
+                _add(tar, f"{prefix}{s}_{i:04d}.txt", f"shard {s} sample {i}".encode())
         if stats:
             (root / f"{s:05d}_stats.json").write_text(json.dumps({"successes": n}))
         urls.append(str(path))
@@ -277,3 +277,19 @@ def test_lightning_resume_mid_epoch_continues_the_epoch(tmp_path: Path, mode: st
     rest = fit(ckpt_path=str(ckpt)).keys
     assert sorted(rest[0]) == sorted(full[0][3:])  # the rest of the interrupted epoch, no repeats
     assert rest[1] == full[1]
+
+
+def test_resampled_sources_mix_by_weight(tmp_path: Path) -> None:
+    from ldm.data.datamodule import ShardDataModule
+
+    write_shards(tmp_path / "a", sizes=(10,), prefix="a")
+    write_shards(tmp_path / "b", sizes=(5, 5), prefix="b")
+    mix = [{"shards": str(tmp_path / "a"), "weight": 3}, {"shards": str(tmp_path / "b"), "weight": 1}]
+    dm = ShardDataModule(train_shards=mix, val_shards=None, resolution=8, batch_size=4, num_workers=0,
+                         shuffle_buffer=0, mode="resampled", epoch_length=50)
+    dm.setup("fit")
+    keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    from_a = sum(k.startswith("a") for k in keys) / len(keys)
+    assert len(keys) == 200 and 0.65 < from_a < 0.85
+    with pytest.raises(ValueError, match="weights apply to data.mode=resampled"):
+        ShardDataModule(train_shards=mix, val_shards=None, mode="finite").setup("fit")

@@ -19,6 +19,7 @@ from ldm.data.pipeline import (
     ValStream,
     count_samples,
     expand_shards,
+    expand_sources,
     shard_counts,
 )
 
@@ -38,6 +39,7 @@ class ShardDataModule(pl.LightningDataModule):
     in `index_file`); `mode="resampled"` makes it `epoch_length` batches per rank of
     an endless stream (left as None: data set size / (world_size * batch_size),
     from recorded counts). Either way every rank gets the same number of batches.
+    In resampled mode `train_shards` may mix sources: [{"shards": spec, "weight": w}, ...].
 
     The module adds a `DataStatsCallback` to its trainer, which sums the skip
     counts over ranks, logs them and stops the run when more than
@@ -48,7 +50,7 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        train_shards: ShardSpec | None,
+        train_shards: ShardSpec | Sequence[dict[str, Any]] | None,
         val_shards: ShardSpec | None,
         resolution: int = 32,
         batch_size: int = 32,
@@ -138,8 +140,12 @@ class ShardDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             if self.train_shards is None:
                 raise ValueError("data.train_shards is required for training")
-            urls = expand_shards(self.train_shards)
+            sources = expand_sources(self.train_shards)
+            urls = [url for source, _ in sources for url in source]
             counts, epoch_length = None, self.epoch_length
+            if self.mode == "finite" and len({weight for _, weight in sources}) > 1:
+                raise ValueError("data.train_shards weights apply to data.mode=resampled; "
+                                 "a finite epoch reads every shard once")
             if self.mode == "finite":
                 counts = shard_counts(urls, self.index_file)
             elif epoch_length is None:
@@ -168,6 +174,8 @@ class ShardDataModule(pl.LightningDataModule):
                 background=self.background,
                 min_size=self.min_size,
                 retries=self.retries,
+                sources=[len(source) for source, _ in sources],
+                weights=[weight for _, weight in sources],
             )
             self._add_stats_callback()
         if stage in (None, "fit", "validate") and self.val_shards is not None:

@@ -41,6 +41,7 @@ from ldm.data.shards import (  # noqa: F401 (re-exported: the data module and te
     ShardSpec,
     count_samples,
     expand_shards,
+    expand_sources,
     read_samples,
     shard_counts,
 )
@@ -278,6 +279,8 @@ class TrainStream(IterableDataset):
         background: Sequence[int] = (255, 255, 255),
         min_size: int = 0,
         retries: int = 2,
+        sources: Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -294,6 +297,13 @@ class TrainStream(IterableDataset):
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key, crop=crop,
                                      flip_p=flip_p, background=tuple(background), min_size=min_size)
+        # resampled mode may mix sources: the first sources[0] URLs are source 0, and so on
+        self.sources = list(sources) if sources is not None else [len(self.urls)]
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(self.sources)
+        if sum(self.sources) != len(self.urls) or len(self.weights) != len(self.sources):
+            raise ValueError("sources must split the URLs and have one weight each")
+        if mode == "finite" and len(set(self.weights)) > 1:
+            raise ValueError("source weights apply to data.mode=resampled; a finite epoch reads every shard once")
         if mode == "finite":
             if counts is None or len(counts) != len(self.urls):
                 raise ValueError("finite mode needs the sample count of every shard")
@@ -352,13 +362,12 @@ class TrainStream(IterableDataset):
                 for i, lo, hi in parts
             )
         index, count = self.rank * num_workers + worker, self.world_size * num_workers
-        urls, stride, offset = assign_shards(self.urls, index, count)
-        rng = random.Random(f"passes:{self.seed}:{epoch}:{index}:{count}")
 
         def failed(url: str, position: int, exn: Exception) -> None:
             stats["failed_shards"] += 1
 
-        def endless() -> Iterator[Sample]:
+        def endless(urls: list[str], rng: random.Random) -> Iterator[Sample]:
+            urls, stride, offset = assign_shards(urls, index, count)
             while True:
                 order = list(urls)
                 rng.shuffle(order)
@@ -371,7 +380,20 @@ class TrainStream(IterableDataset):
                 if yielded == 0:
                     raise RuntimeError(f"a full pass over {len(order)} shards gave no samples (first: {order[0]})")
 
-        return endless()
+        streams, start = [], 0
+        for s, size in enumerate(self.sources):
+            rng = random.Random(f"passes:{self.seed}:{epoch}:{index}:{count}:{s}")
+            streams.append(endless(self.urls[start : start + size], rng))
+            start += size
+        if len(streams) == 1:
+            return streams[0]
+        pick = random.Random(f"mix:{self.seed}:{epoch}:{index}:{count}")
+
+        def mixed() -> Iterator[Sample]:  # each sample from a source drawn by weight
+            while True:
+                yield next(streams[pick.choices(range(len(streams)), self.weights)[0]])
+
+        return mixed()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_info()

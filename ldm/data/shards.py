@@ -17,9 +17,12 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -67,6 +70,22 @@ def expand_shards(spec: ShardSpec) -> list[str]:
         if is_local(url) and not Path(_local_path(url)).is_file():
             raise FileNotFoundError(f"shard not found: {_local_path(url)}")
     return urls
+
+
+def expand_sources(spec: Any) -> list[tuple[list[str], float]]:
+    """[(shard URLs, weight)] from a shard spec, or from a list of {"shards": spec, "weight": w} to mix sources."""
+    items = [spec] if isinstance(spec, (str, Path, Mapping)) else list(spec)
+    if not any(isinstance(item, Mapping) for item in items):
+        return [(expand_shards(spec), 1.0)]
+    sources = []
+    for item in items:
+        if not isinstance(item, Mapping) or "shards" not in item:
+            raise ValueError(f"a mixed shard source must be {{shards: ..., weight: ...}}, got {item!r}")
+        weight = float(item.get("weight", 1.0))
+        if weight <= 0:
+            raise ValueError(f"source weight must be > 0, got {weight} for {item['shards']!r}")
+        sources.append((expand_shards(item["shards"]), weight))
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +237,17 @@ def scan_count(url: str) -> int:
     return count
 
 
+def _remote_stats_count(url: str, timeout: float = 10.0) -> int | None:
+    """`successes` of `{shard}_stats.json` next to an http(s) shard, or None when there is none."""
+    if not url.endswith(".tar"):
+        return None
+    try:
+        with urllib.request.urlopen(url[: -len(".tar")] + "_stats.json", timeout=timeout) as response:
+            return int(json.loads(response.read())["successes"])
+    except Exception:  # no stats file, or unreadable: the shard gets scanned instead
+        return None
+
+
 def _signature(url: str) -> str:
     """What must not change for a cached count to stay valid: size and mtime of a local file."""
     if is_local(url):
@@ -253,17 +283,26 @@ def shard_counts(urls: Sequence[str], index_file: str | Path | None = None) -> l
             log.warning("ignoring unreadable shard index %s", path)
     changed = False
     for i in missing:
-        url, signature = urls[i], _signature(urls[i])
-        entry = index.get(url)
-        if entry is None or entry.get("signature") != signature:
-            log.info("counting samples in %s (once; cached in %s)", url, path)
-            entry = {"signature": signature, "num_samples": scan_count(url)}
-            index[url] = entry
+        entry = index.get(urls[i])
+        if entry is not None and entry.get("signature") == _signature(urls[i]):
+            counts[i] = int(entry["num_samples"])
+    remote = [i for i in missing if counts[i] is None and urls[i].startswith(("http://", "https://"))]
+    if remote:  # img2dataset's _stats.json beside a remote shard is far cheaper than reading the shard
+        with ThreadPoolExecutor(16) as pool:
+            for i, count in zip(remote, pool.map(_remote_stats_count, [urls[i] for i in remote]), strict=True):
+                if count is not None:
+                    counts[i] = count
+                    index[urls[i]] = {"signature": _signature(urls[i]), "num_samples": count}
+                    changed = True
+    for i in missing:
+        if counts[i] is None:
+            log.info("counting samples in %s (once; cached in %s)", urls[i], path)
+            counts[i] = scan_count(urls[i])
+            index[urls[i]] = {"signature": _signature(urls[i]), "num_samples": counts[i]}
             changed = True
-        counts[i] = int(entry["num_samples"])
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
         os.replace(tmp, path)  # atomic: ranks scanning at once never see half a file
     return [int(c) for c in counts]  # type: ignore[arg-type]
