@@ -222,8 +222,12 @@ def test_datamodule_finite_mode_with_persistent_workers(tmp_path: Path) -> None:
     epochs = [[k for b in loader for k in b["key"]] for _ in range(2)]
     assert [len(e) for e in epochs] == [50, 50] and all(len(set(e)) == 50 for e in epochs)
     assert set(epochs[0]) != set(epochs[1])  # persistent workers still move on to the next epoch
-    with pytest.raises(ValueError, match="epoch_length applies to data.mode=resampled"):
+    with pytest.raises(ValueError, match="epoch_length/epoch_samples apply to data.mode=resampled"):
         ShardDataModule(train_shards=str(tmp_path / "s"), val_shards=None, mode="finite", epoch_length=3)
+    resampled = ShardDataModule(train_shards=str(tmp_path / "s"), val_shards=None, resolution=8, batch_size=5,
+                                num_workers=0, mode="resampled", epoch_samples=1000)
+    resampled.setup("fit")
+    assert len(resampled.train_dataloader()) == 200  # an epoch length in samples: 1000 / (1 rank x 5)
 
 
 class _Recorder(pl.Callback):

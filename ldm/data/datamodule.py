@@ -58,6 +58,7 @@ class ShardDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         shuffle_buffer: int = 1000,
         epoch_length: int | None = None,
+        epoch_samples: int | None = None,
         seed: int = 0,
         caption_key: str = "txt",
         mode: str = "resampled",
@@ -78,6 +79,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.epoch_length = epoch_length
+        self.epoch_samples = epoch_samples
         self.seed = seed
         self.caption_key = caption_key
         self.mode = mode
@@ -116,8 +118,12 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError("data.caption_key must name a tar member extension, e.g. 'txt'")
         if self.mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "finite" and self.epoch_length is not None:
-            raise ValueError("data.epoch_length applies to data.mode=resampled; a finite epoch is one pass")
+        if self.mode == "finite" and (self.epoch_length is not None or self.epoch_samples is not None):
+            raise ValueError("data.epoch_length/epoch_samples apply to data.mode=resampled; a finite epoch is one pass")
+        if self.epoch_length is not None and self.epoch_samples is not None:
+            raise ValueError("set data.epoch_length (batches per rank) or data.epoch_samples (all ranks), not both")
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise ValueError(f"data.epoch_samples must be a positive integer or None, got {self.epoch_samples!r}")
         if self.crop not in ("center", "random"):
             raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
         if not 0.0 <= self.flip_p <= 1.0:
@@ -148,6 +154,8 @@ class ShardDataModule(pl.LightningDataModule):
                                  "a finite epoch reads every shard once")
             if self.mode == "finite":
                 counts = shard_counts(urls, self.index_file)
+            elif epoch_length is None and self.epoch_samples is not None:
+                epoch_length = max(1, self.epoch_samples // (world_size * self.batch_size))
             elif epoch_length is None:
                 total = count_samples(urls)
                 if total is None:
