@@ -2,7 +2,7 @@
 
 The network call dominates, so the ratio between samplers is mostly their step counts; this measures what the
 samplers add on top and gives absolute numbers per machine.
-`python bench/sampler_speed.py --sizes tiny --samplers ddim:50,dpmpp_2m:20,ddpm:50 --threads 2`
+`python bench/sampler_speed.py --sizes tiny --samplers ddim:50,dpmpp_2m:20,ddpm:50,euler:50,heun:10 --threads 2`
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample
+from ldm.diffusion.flow import FlowSchedule
+from ldm.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS, classifier_free_guidance, sample
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.unet import unet_preset
 
@@ -30,7 +31,8 @@ def time_sampler(name: str, steps: int, size: str, batch: int, repeats: int, dev
     unet = unet_preset(size, in_channels=4, out_channels=4, context_dim=width).to(device).eval()
     cond = torch.randn(batch, tokens, width, device=device)
     model_fn = classifier_free_guidance(unet, cond, torch.zeros_like(cond), 6.0)
-    schedule = NoiseSchedule()
+    flow = name in FLOW_SAMPLERS
+    schedule = FlowSchedule() if flow else NoiseSchedule()
     noise = torch.randn(batch, 4, latent, latent, device=device)
     times = []
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -38,7 +40,8 @@ def time_sampler(name: str, steps: int, size: str, batch: int, repeats: int, dev
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            sample(name, model_fn, noise, schedule, steps=steps, generator=torch.Generator(device).manual_seed(0))
+            sample(name, model_fn, noise, schedule, steps=steps, generator=torch.Generator(device).manual_seed(0),
+                   prediction_type="flow" if flow else "epsilon")
             if device == "cuda":
                 torch.cuda.synchronize()
             if i:  # the first run warms up
@@ -51,7 +54,7 @@ def time_sampler(name: str, steps: int, size: str, batch: int, repeats: int, dev
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny", help=f"comma-separated, from {sorted(SIZES)}")
-    ap.add_argument("--samplers", default="ddim:50,dpmpp_2m:20,ddpm:50", help="name:steps,...")
+    ap.add_argument("--samplers", default="ddim:50,dpmpp_2m:20,ddpm:50,euler:50,heun:10", help="name:steps,...")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
