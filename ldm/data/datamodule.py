@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.callbacks import DataStatsCallback
+from ldm.data.latents import check_latents
 from ldm.data.pipeline import (
     MODES,
     ShardSpec,
@@ -40,6 +41,8 @@ class ShardDataModule(pl.LightningDataModule):
     an endless stream (left as None: data set size / (world_size * batch_size),
     from recorded counts). Either way every rank gets the same number of batches.
     In resampled mode `train_shards` may mix sources: [{"shards": spec, "weight": w}, ...].
+    `latents=True` reads shards written by `python -m ldm.data.latents` ("moments" in place of
+    "image") and refuses them when `autoencoder` is given and did not make them.
 
     The module adds a `DataStatsCallback` to its trainer, which sums the skip
     counts over ranks, logs them and stops the run when more than
@@ -69,6 +72,8 @@ class ShardDataModule(pl.LightningDataModule):
         min_size: int = 0,
         max_skip_fraction: float = 0.1,
         retries: int = 2,
+        latents: bool = False,
+        autoencoder: str | None = None,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -90,6 +95,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.min_size = min_size
         self.max_skip_fraction = max_skip_fraction
         self.retries = retries
+        self.latents = latents
+        self.autoencoder = autoencoder
         self._resume_state: dict[str, Any] | None = None
         self.train_set: TrainStream | None = None
         self.val_set: ValStream | None = None
@@ -148,6 +155,9 @@ class ShardDataModule(pl.LightningDataModule):
                 raise ValueError("data.train_shards is required for training")
             sources = expand_sources(self.train_shards)
             urls = [url for source, _ in sources for url in source]
+            if self.latents:
+                for source, _ in sources:
+                    check_latents(source, self.autoencoder)
             counts, epoch_length = None, self.epoch_length
             if self.mode == "finite" and len({weight for _, weight in sources}) > 1:
                 raise ValueError("data.train_shards weights apply to data.mode=resampled; "
@@ -182,13 +192,17 @@ class ShardDataModule(pl.LightningDataModule):
                 background=self.background,
                 min_size=self.min_size,
                 retries=self.retries,
+                latents=self.latents,
                 sources=[len(source) for source, _ in sources],
                 weights=[weight for _, weight in sources],
             )
             self._add_stats_callback()
         if stage in (None, "fit", "validate") and self.val_shards is not None:
+            val_urls = expand_shards(self.val_shards)
+            if self.latents:
+                check_latents(val_urls, self.autoencoder)
             self.val_set = ValStream(
-                expand_shards(self.val_shards),
+                val_urls,
                 resolution=self.resolution,
                 batch_size=self.val_batch_size,
                 rank=rank,
@@ -197,6 +211,7 @@ class ShardDataModule(pl.LightningDataModule):
                 background=self.background,
                 min_size=self.min_size,
                 retries=self.retries,
+                latents=self.latents,
             )
 
     def _loader(self, dataset: Any) -> DataLoader:

@@ -22,6 +22,8 @@ from PIL import Image
 
 from ldm.data.shards import IMAGE_EXTENSIONS, Sample
 
+MOMENTS_EXT = "moments.npy"  # precomputed latents (ldm.data.latents): posterior mean and log-variance
+
 # Counted per DataLoader worker and passed along with every batch (see `collate`).
 STAT_KEYS = ("samples", "skipped", "no_caption", "bad_caption", "filtered", "padded", "failed_shards")
 
@@ -40,6 +42,7 @@ class DecodeOptions:
     flip_p: float = 0.0  # probability of a horizontal flip
     background: tuple[int, int, int] = (255, 255, 255)  # behind transparent pixels
     min_size: int = 0  # shorter side of the original image, in pixels; smaller samples are filtered
+    latents: bool = False  # read precomputed moments (`{key}.moments.npy`) instead of an image
 
     def __post_init__(self) -> None:
         if self.crop not in ("center", "random"):
@@ -52,6 +55,8 @@ class DecodeOptions:
     def keeps(self) -> Callable[[str], bool]:
         """The member filter: which extensions are read out of a shard at all."""
         wanted = {*IMAGE_EXTENSIONS, self.caption_key.lower()}
+        if self.latents:
+            wanted.add(MOMENTS_EXT)
         if self.min_size > 0:
             wanted.add("json")
         return frozenset(wanted).__contains__
@@ -125,6 +130,11 @@ def load_image(
     return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def load_moments(data: bytes) -> torch.Tensor:
+    """An .npy payload -> float32 tensor; numpy refuses object arrays (pickles) with allow_pickle=False."""
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+
+
 def decode_sample(
     sample: Sample, options: DecodeOptions, stats: dict[str, int], rng: random.Random | None = None
 ) -> dict[str, Any]:
@@ -134,6 +144,11 @@ def decode_sample(
     replacement characters; both are counted in `stats`.
     """
     fields = {key.lower(): value for key, value in sample.items()}
+    if options.latents:
+        if MOMENTS_EXT not in fields:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {MOMENTS_EXT}")
+        return {"moments": load_moments(fields[MOMENTS_EXT]), "caption": _caption(fields, options, stats),
+                "key": sample.get("__key__", "")}
     data = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
     if data is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
@@ -141,14 +156,17 @@ def decode_sample(
     if size is not None and min(size) < options.min_size:
         raise Filtered(f"original size {size} smaller than min_size {options.min_size}")
     image = load_image(data, options, rng, check_size=size is None)  # img2dataset may have resized it
+    return {"image": image, "caption": _caption(fields, options, stats), "key": sample.get("__key__", "")}
+
+
+def _caption(fields: dict[str, Any], options: DecodeOptions, stats: dict[str, int]) -> str:
     raw = fields.get(options.caption_key.lower())
     if raw is None:
         stats["no_caption"] += 1
-        caption = ""
-    else:
-        try:
-            caption = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            stats["bad_caption"] += 1
-            caption = raw.decode("utf-8", errors="replace")
-    return {"image": image, "caption": caption.strip(), "key": sample.get("__key__", "")}
+        return ""
+    try:
+        caption = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["bad_caption"] += 1
+        caption = raw.decode("utf-8", errors="replace")
+    return caption.strip()

@@ -141,9 +141,13 @@ class Counters(dict):
 
 
 def collate(samples: list[dict[str, Any]], stats: dict[str, int] | None = None) -> dict[str, Any]:
-    """Decoded samples -> {"image": Bx3xRxR, "caption": [str], "key": [str], "data_stats": {name: int}}."""
+    """Decoded samples -> {"image": Bx3xRxR, "caption": [str], "key": [str], "data_stats": {name: int}}.
+
+    Latent shards give "moments" (Bx2Cxhxw) in place of "image".
+    """
+    field = "image" if "image" in samples[0] else "moments"
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        field: torch.stack([s[field] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "data_stats": stats if stats is not None else {key: 0 for key in STAT_KEYS},
@@ -232,6 +236,8 @@ def make_batches(
                 return
     if not pad:
         raise RuntimeError("the sample stream ended early (no shard gave a sample)")
+    if not recent and decoder.options.latents:
+        raise RuntimeError("no latent sample of this worker's part could be read; cannot pad its batches")
     fill = list(recent) or [_blank(decoder.options)]
     i = 0
     while produced < num_batches:
@@ -279,6 +285,7 @@ class TrainStream(IterableDataset):
         background: Sequence[int] = (255, 255, 255),
         min_size: int = 0,
         retries: int = 2,
+        latents: bool = False,
         sources: Sequence[int] | None = None,
         weights: Sequence[float] | None = None,
     ) -> None:
@@ -296,7 +303,8 @@ class TrainStream(IterableDataset):
         self.seed = seed
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key, crop=crop,
-                                     flip_p=flip_p, background=tuple(background), min_size=min_size)
+                                     flip_p=flip_p, background=tuple(background), min_size=min_size,
+                                     latents=latents)
         # resampled mode may mix sources: the first sources[0] URLs are source 0, and so on
         self.sources = list(sources) if sources is not None else [len(self.urls)]
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(self.sources)
@@ -435,6 +443,7 @@ class ValStream(IterableDataset):
         background: Sequence[int] = (255, 255, 255),
         min_size: int = 0,
         retries: int = 2,
+        latents: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -445,7 +454,7 @@ class ValStream(IterableDataset):
         self.world_size = world_size
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key,
-                                     background=tuple(background), min_size=min_size)
+                                     background=tuple(background), min_size=min_size, latents=latents)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = consumer(self.rank, self.world_size)

@@ -224,14 +224,14 @@ def count_samples(urls: Sequence[str]) -> int | None:
     return total
 
 
-def _has_image(ext: str) -> bool:
-    return ext in IMAGE_EXTENSIONS
+def _is_payload(ext: str) -> bool:
+    return ext in IMAGE_EXTENSIONS or ext == "moments.npy"  # an image, or precomputed latents
 
 
 def scan_count(url: str) -> int:
-    """Count the samples of a shard by reading it (image members only are read into memory)."""
+    """Count the samples of a shard by reading it (image or latent members only are read into memory)."""
     failures: list[Exception] = []
-    count = sum(1 for _ in read_samples(url, _has_image, on_failure=lambda u, i, e: failures.append(e)))
+    count = sum(1 for _ in read_samples(url, _is_payload, on_failure=lambda u, i, e: failures.append(e)))
     if failures:
         raise RuntimeError(f"could not scan shard {url}: {failures[0]!r}") from failures[0]
     return count
