@@ -17,6 +17,7 @@ import torch
 from ldm.autoencoder.loss import VAELoss
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.metrics.reconstruction import ReconstructionMetrics
+from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
 
@@ -86,6 +87,9 @@ class AutoencoderModule(pl.LightningModule):
         recon, posterior = self.reconstruct(x)
         g_loss, logs = self.loss.generator(x, recon, posterior, step, self.autoencoder.last_layer_weight(),
                                            self._grad_scale())
+        if skip_nonfinite(self, g_loss):  # no optimizer steps this batch, on any rank (see ldm.train.faults)
+            self.untoggle_optimizer(opt_ae)
+            return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_ae.step()

@@ -16,6 +16,7 @@ from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
 from ldm.diffusion.weighting import min_snr_weight
 from ldm.metrics.generation import GenerationMetrics
+from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
 
@@ -104,7 +105,7 @@ class LatentDiffusionModule(pl.LightningModule):
         if float(self.scale_factor) <= 0:
             self._estimate_scale_factor(batch["image"])
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         images, captions = batch["image"], list(batch["caption"])
         cpu_gen, gen = self.step_generators(self.global_step)
         drop = torch.rand(len(captions), generator=cpu_gen) < self.hparams.cond_drop_prob
@@ -118,6 +119,8 @@ class LatentDiffusionModule(pl.LightningModule):
                                                                     device=z0.device, dtype=z0.dtype)
         per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
+        if skip_nonfinite(self, loss):  # all ranks skip together (see ldm.train.faults)
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("train/mse", per_sample.mean().detach(), batch_size=z0.shape[0])
         return loss

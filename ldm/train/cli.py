@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,10 +18,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from ldm.train.checkpoint_io import AtomicCheckpointIO
 from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
 from ldm.train.ddp import pin_run_dir_for_children
+from ldm.train.faults import (
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    build_strategy,
+    explain_collective_failure,
+)
 from ldm.train.loggers import make_logger
-from ldm.train.run_dir import find_latest_checkpoint
+from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
 from ldm.train.throughput import ThroughputMonitor
 
 # Frozen parts (autoencoder, text encoder, EMA copy) are in eval mode on purpose.
@@ -59,9 +67,19 @@ def ensure_shapes_data(cfg: DictConfig) -> None:
     write_shapes(root, num_train=20000, num_val=512, resolution=int(cfg.data.resolution))
 
 
-def resolve_resume(cfg: DictConfig) -> str | None:
+def resolve_resume(cfg: DictConfig, run_dir: Path | None = None) -> str | None:
+    """ckpt=null: fresh; last: the newest of the stage; auto: the newest of this run dir, else fresh; or a path.
+
+    `auto` is what the sbatch scripts pass: a requeued job keeps its run dir (keyed by the job id) and
+    continues from whatever it saved last, a first start finds nothing and starts fresh.
+    """
     if not cfg.get("ckpt"):
         return None
+    if cfg.ckpt == "auto":
+        found = find_run_checkpoint(run_dir if run_dir is not None else run_directory())
+        if found is not None:
+            print(f"[ldm] ckpt=auto: resuming from {found}")
+        return str(found) if found is not None else None
     if cfg.ckpt == "last":
         found = find_latest_checkpoint(cfg.paths.runs, cfg.stage.name)
         if found is None:
@@ -147,6 +165,15 @@ def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) ->
     return gathered.view(-1, len(counts)).cpu().tolist()
 
 
+class _StartStep(pl.Callback):
+    """The global step training started from (0, or the resumed checkpoint's): recorded in summary.json."""
+
+    step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training stage; returns the final logged metrics."""
     start = time.time()
@@ -156,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         from ldm.weights import use_offline_cache
 
         use_offline_cache(cfg, _task_overrides())
-    resume = resolve_resume(cfg)
+    resume = resolve_resume(cfg, run_dir)
     module = build_module(cfg)
     ensure_shapes_data(cfg)
     data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
@@ -166,7 +193,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if logger is not None:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True),
                                 "overrides": _task_overrides() or [], "resumed_from": resume})
+    faults = cfg.get("faults") or {}
+    start_step = _StartStep()
     callbacks: list[pl.Callback] = [
+        NonFiniteLossGuard(int(faults.get("max_consecutive_nonfinite", 5))),
+        start_step,
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1,
                         filename="step{step:07d}", auto_insert_metric_name=False),
@@ -177,13 +208,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not module.automatic_optimization:
         trainer_args.pop("gradient_clip_val", None)  # Lightning refuses it; the module clips (see build_module)
-        if trainer_args.get("strategy") == "ddp":
-            # Each backward touches only one optimizer's parameters (autoencoder or discriminator).
-            trainer_args["strategy"] = "ddp_find_unused_parameters_true"
-    trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir),
+    timeout_s = faults.get("collective_timeout_s")
+    # Manual optimization: each backward touches only one optimizer's parameters (autoencoder or discriminator).
+    trainer_args["strategy"] = build_strategy(trainer_args.get("strategy", "auto"), timeout_s,
+                                              find_unused_parameters=not module.automatic_optimization,
+                                              devices=trainer_args.get("devices", 1),
+                                              num_nodes=trainer_args.get("num_nodes", 1))
+    trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                          logger=logger if logger is not None else False, callbacks=callbacks)
     pin_run_dir_for_children(run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(3) from err
+    except Exception as err:
+        message = explain_collective_failure(err, trainer.global_rank, timeout_s) if trainer.world_size > 1 else None
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+        raise
     steps_per_rank = optimizer_steps_per_rank(trainer, module)
     if trainer.limit_val_batches and not trainer.interrupted:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics for summary.json
@@ -192,7 +235,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         export(module, cfg, run_dir)
         elapsed = time.time() - start
         summary = {"stage": cfg.stage.name, "run_dir": str(run_dir), "wall_seconds": round(elapsed, 1),
-                   "global_step": trainer.global_step, "metrics": metrics}
+                   "global_step": trainer.global_step, "metrics": metrics, "resumed_from": resume,
+                   "start_step": start_step.step}
         if steps_per_rank is not None:
             summary["optimizer_steps_per_rank"] = steps_per_rank
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

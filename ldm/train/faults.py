@@ -1,0 +1,122 @@
+"""Faults during training: non-finite losses, and collectives that can no longer complete.
+
+A single inf/NaN loss (one bad batch, an fp16 overflow) should cost one step, not the run: the step is
+skipped and counted. Many in a row mean the run has diverged; it stops with a checkpoint and a message
+instead of training on garbage. Under DDP the skip must be decided by all ranks together: a rank that
+skips its backward while the others all-reduce gradients would leave them waiting forever.
+
+A rank that dies (OOM kill, a node failure) leaves the others blocked in their next collective. The
+process group timeout (`faults.collective_timeout_s`, see `build_strategy`) turns that into an error, and
+`explain_collective_failure` says what it means.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stopped (a checkpoint was written first)."""
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Counts skipped steps (saved in checkpoints) and stops after `max_consecutive` in a row (0: never)."""
+
+    def __init__(self, max_consecutive: int = 5) -> None:
+        if max_consecutive < 0:
+            raise ValueError(f"faults.max_consecutive_nonfinite must be >= 0, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+
+    def check(self, module: pl.LightningModule, loss: torch.Tensor) -> bool:
+        """True when this step must be skipped: the loss is non-finite on any rank."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        trainer = module.trainer
+        if trainer.world_size > 1:  # one decision for all ranks, or the ranks that do step wait forever
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) == 0:
+            self.consecutive = 0
+            return False
+        self.skipped += 1
+        self.consecutive += 1
+        rank_zero_warn(f"non-finite loss at step {trainer.global_step}: step skipped "
+                       f"({self.consecutive} in a row, {self.skipped} in all)")
+        module.log("train/nonfinite_skipped", float(self.skipped), batch_size=1)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            self._stop(trainer)
+        return True
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None
+                         and trainer.checkpoint_callback.dirpath else trainer.default_root_dir)
+        path = directory / f"nonfinite-step{trainer.global_step:07d}.ckpt"
+        trainer.save_checkpoint(path)  # every rank calls it: the decision above was collective
+        raise NonFiniteLossError(
+            f"{self.consecutive} consecutive non-finite losses (faults.max_consecutive_nonfinite="
+            f"{self.max_consecutive}) at step {trainer.global_step}: training stopped. The weights of the last "
+            f"finite step are in {path}; continue with ckpt={path} and e.g. a lower learning rate, "
+            f"gradient clipping or bf16-mixed instead of 16-mixed.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor) -> bool:
+    """Called by a training_step before its backward: True means return without stepping.
+
+    Uses the trainer's NonFiniteLossGuard (added by ldm.train.cli with the configured limit); a module
+    trained by another script gets one with the default limit.
+    """
+    trainer = module.trainer
+    guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteLossGuard)), None)
+    if guard is None:
+        guard = NonFiniteLossGuard()
+        trainer.callbacks.append(guard)
+    return guard.check(module, loss)
+
+
+def build_strategy(strategy: Any, timeout_s: float | None, find_unused_parameters: bool = False,
+                   devices: Any = 1, num_nodes: int = 1) -> Any:
+    """The trainer's strategy with a collective timeout: `ddp`/`fsdp` names become strategy objects.
+
+    `auto` on several devices or nodes is what Lightning would pick anyway (ddp), made explicit so that
+    the timeout applies. Other names and objects pass through unchanged.
+    """
+    if not isinstance(strategy, str):
+        return strategy
+    several = (isinstance(devices, int) and devices > 1) or int(num_nodes) > 1
+    name = "ddp" if strategy == "auto" and several else strategy
+    timeout = timedelta(seconds=float(timeout_s)) if timeout_s else None
+    if name in ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"):
+        from pytorch_lightning.strategies import DDPStrategy
+
+        find = find_unused_parameters or name == "ddp_find_unused_parameters_true"
+        return DDPStrategy(find_unused_parameters=find, **({"timeout": timeout} if timeout else {}))
+    if name == "fsdp":
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        return FSDPStrategy(**({"timeout": timeout} if timeout else {}))
+    return strategy
+
+
+_COLLECTIVE_SIGNS = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                     "timed out", "Timed out", "Timeout", "NCCL", "ProcessGroup", "gloo")
+
+
+def explain_collective_failure(err: BaseException, rank: int, timeout_s: float | None) -> str | None:
+    """A one-line reading of an error that looks like a failed collective (None when it does not)."""
+    text = f"{type(err).__name__}: {err}"
+    if not any(sign in text for sign in _COLLECTIVE_SIGNS):
+        return None
+    return (f"rank {rank}: a collective operation failed: another rank died or stalled for longer than "
+            f"faults.collective_timeout_s={timeout_s}. That rank's own log says why. ({text.splitlines()[0][:300]})")
