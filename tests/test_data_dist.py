@@ -62,7 +62,6 @@ def _all_keys(sizes: tuple[int, ...]) -> set[str]:
 def _rank_main(rank: int, root: str, out: str) -> None:
     """One DDP rank: both modes, EPOCHS epochs each, an all_reduce after every batch (hangs if uneven)."""
     torch.set_num_threads(1)
-    torch.multiprocessing.set_start_method("fork", force=True)  # as under `torchrun`; spawn workers are slow
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=WORLD,
@@ -93,8 +92,9 @@ def _rank_main(rank: int, root: str, out: str) -> None:
 def _spawn_ranks(root: Path, timeout: float = 90.0) -> list[dict]:
     import torch.multiprocessing as mp
 
+    # fork: the ranks start at once instead of importing torch again (their DataLoader workers fork too)
     ctx = mp.start_processes(_rank_main, args=(str(root), str(root)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+                             start_method="fork")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1.0):
