@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SHAPES  ?= data/shapes
 
-.PHONY: train test lint data vae ldm sample clean-runs
+.PHONY: train test test-slurm lint data vae ldm sample clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ train: data
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Only the SLURM tests (a one-node cluster on localhost, started and stopped by slurm/local_cluster.sh; root).
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,7 +2,7 @@
 # A one-node SLURM cluster on this machine, for tests and for trying the sbatch scripts without a cluster.
 #
 #   slurm/local_cluster.sh start     # installs slurm-wlm + munge with apt-get if missing (root), starts the daemons
-#   eval "$(slurm/local_cluster.sh env)"   # SLURM_CONF for sbatch / squeue / scontrol in this shell
+#   eval "$(slurm/local_cluster.sh env)"   # SLURM_CONF (and a sacct stand-in on PATH) for this shell
 #   slurm/local_cluster.sh stop      # stops only the daemons this script started (by their PID files)
 #
 # Everything lives in $LDM_SLURM_DIR (default /tmp/ldm-slurm): slurm.conf, a private munge key and socket,
@@ -77,12 +77,35 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
+write_sacct() {
+    # No accounting daemon here, so the real sacct fails; submitit polls it for job states. This stand-in
+    # answers the one query submitit makes (-o JobID,State,NodeList --parsable2 -j IDS) from scontrol, which
+    # remembers finished jobs for MinJobAge seconds.
+    mkdir -p "$DIR/bin"
+    cat >"$DIR/bin/sacct" <<'SACCT'
+#!/usr/bin/env bash
+ids=""
+while [ $# -gt 0 ]; do case "$1" in -j) ids=$2; shift ;; esac; shift; done
+echo "JobID|State|NodeList"
+for id in ${ids//,/ }; do
+    scontrol show job -o "$id" 2>/dev/null | while read -r line; do
+        field() { grep -o " $1=[^ ]*" <<<" $line" | head -1 | cut -d= -f2-; }
+        jid=$(field JobId)
+        [ -n "$(field ArrayTaskId)" ] && jid=$(field ArrayJobId)_$(field ArrayTaskId)
+        echo "$jid|$(field JobState)|$(field NodeList)"
+    done
+done
+SACCT
+    chmod +x "$DIR/bin/sacct"
+}
+
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start() {
     need_root
     mkdir -p "$DIR"
     install
+    write_sacct
     if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid"; then
         echo "[local_cluster] already running (SLURM_CONF=$CONF)" >&2
         return
@@ -125,6 +148,6 @@ stop() {
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
-    env) echo "export SLURM_CONF=$CONF" ;;
+    env) echo "export SLURM_CONF=$CONF PATH=$DIR/bin:\$PATH" ;;
     *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
 esac

@@ -71,8 +71,14 @@ def resolve_resume(cfg: DictConfig, run_dir: Path | None = None) -> str | None:
     """ckpt=null: fresh; last: the newest of the stage; auto: the newest of this run dir, else fresh; or a path.
 
     `auto` is what the sbatch scripts pass: a requeued job keeps its run dir (keyed by the job id) and
-    continues from whatever it saved last, a first start finds nothing and starts fresh.
+    continues from whatever it saved last, a first start finds nothing and starts fresh. A requeued SLURM job
+    (SLURM_RESTART_COUNT > 0: sbatch scripts and the submitit launcher alike) always resumes that way.
     """
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:  # requeued: continue this job, whatever ckpt says
+        found = find_run_checkpoint(run_dir if run_dir is not None else run_directory())
+        if found is not None:
+            print(f"[ldm] requeued SLURM job: resuming from {found}")
+            return str(found)
     if not cfg.get("ckpt"):
         return None
     if cfg.ckpt == "auto":

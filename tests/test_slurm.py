@@ -1,0 +1,185 @@
+"""Against a real SLURM (slurm-wlm + munge, one node on localhost, started by slurm/local_cluster.sh):
+the sbatch script trains both stages with 2 tasks (CPU, gloo), SIGUSR1 saves + requeues + resumes, and a
+Hydra -m sweep through hydra/launcher=slurm runs its jobs (one of them preempted and resumed the same way).
+
+Needs root (slurmd) and either installed slurm-wlm/munge or apt-get; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+from .test_end_to_end import TINY
+
+CLUSTER = ROOT / "slurm" / "local_cluster.sh"
+QUICK = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"]
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        port = random.randint(20000, 40000)
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Environment for sbatch/scontrol/train.py that talks to a fresh one-node cluster; stopped afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("local SLURM needs root (slurmd starts job steps as their owner)")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("slurm-wlm is not installed and there is no apt-get to install it")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "LDM_SLURM_DIR": str(state), "LDM_SLURM_PORT": str(_free_port_pair()),
+           "SLURM_CONF": str(state / "slurm.conf"), "PATH": f"{state}/bin:{Path(sys.executable).parent}:"
+           f"{os.environ['PATH']}", "LDM_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+        del env[key]  # a test run inside a SLURM job must not hand its own job to ours
+    start = time.time()
+    proc = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode == 77:
+        pytest.skip(f"no local SLURM: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    print(f"local SLURM up in {time.time() - start:.1f} s")
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=60)
+
+
+def job_info(env: dict, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def wait_for(what: str, predicate, timeout: float, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def sbatch(env: dict, out: Path, *args: str, wait: bool = False) -> tuple[str, int]:
+    cmd = ["sbatch", "--parsable", f"--output={out}/slurm-%j.out", "--ntasks-per-node=2", "--gpus-per-node=0",
+           "--cpus-per-task=1", "--time=10", *(["--wait"] if wait else []), "slurm/train.sbatch", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    job = proc.stdout.strip().split(";")[0]
+    assert job, proc.stderr
+    return job, proc.returncode
+
+
+def common(tiny_shapes, tmp_path) -> list[str]:
+    return [*TINY, *QUICK, f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val",
+            f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports"]
+
+
+def log_of(out: Path, job: str, tail: int = 6000) -> str:
+    path = out / f"slurm-{job}.out"
+    return path.read_text()[-tail:] if path.exists() else "(no log)"
+
+
+def saved_step(run: Path) -> int:
+    """The step of the checkpoint Lightning's SIGUSR1 handler wrote (hpc_ckpt_N.ckpt in the run dir).
+
+    The resumed run may start later than this: ModelCheckpoint can finish a newer last.ckpt after the signal.
+    """
+    import torch
+
+    saved = list(run.glob("hpc_ckpt_*.ckpt"))
+    assert saved, f"Lightning's USR1 handler saved no checkpoint in {run}"
+    return int(torch.load(saved[0], map_location="cpu", weights_only=False)["global_step"])
+
+
+def test_sbatch_two_tasks_trains_vae_then_ldm(cluster, tiny_shapes, tmp_path):
+    args = common(tiny_shapes, tmp_path)
+    job, rc = sbatch(cluster, tmp_path, "stage=vae", *args, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                     wait=True)
+    assert rc == 0, log_of(tmp_path, job)
+    run = tmp_path / "runs" / "vae" / f"slurm-{job}"  # the run dir is keyed by the job id
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 3
+    assert summary["optimizer_steps_per_rank"] == [[3, 0], [3, 0]]  # two srun tasks, one DDP job
+    assert (run / "train_rank1.log").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert "srun exited with 0" in log_of(tmp_path, job)
+
+    job, rc = sbatch(cluster, tmp_path, "stage=ldm", *args, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                     "stage.num_val_prompts=2", "stage.module.num_inference_steps=2",
+                     "stage.module.metrics.num_samples=0", wait=True)
+    assert rc == 0, log_of(tmp_path, job)
+    summary = json.loads((tmp_path / "runs" / "ldm" / f"slurm-{job}" / "summary.json").read_text())
+    assert summary["global_step"] == 2 and "val/loss" in summary["metrics"]
+
+
+def test_usr1_saves_requeues_and_resumes(cluster, tiny_shapes, tmp_path):
+    steps = 24
+    job, _ = sbatch(cluster, tmp_path, "stage=vae", *common(tiny_shapes, tmp_path), f"trainer.max_steps={steps}",
+                    f"trainer.val_check_interval={steps}", "checkpoint.every_n_train_steps=4")
+    run = tmp_path / "runs" / "vae" / f"slurm-{job}"
+    wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, 0.2)
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)  # what SLURM sends 90 s early
+    wait_for("the requeue", lambda: job_info(cluster, job).get("Restarts") == "1" and
+             job_info(cluster, job).get("JobState") == "PENDING", 120)
+    requeued = time.time()
+    # SLURM holds a requeued job for about two minutes; release it now.
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
+    wait_for("the job to finish", lambda: job_info(cluster, job).get("JobState") in
+             ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, 1)
+    finished = time.time()
+    assert job_info(cluster, job)["JobState"] == "COMPLETED", log_of(tmp_path, job)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == steps
+    assert 4 <= saved_step(run) <= summary["start_step"] < steps  # continued from the saved step, not from 0
+    assert "restart 1" in log_of(tmp_path, job, tail=10**7)
+    print(f"USR1 -> requeued (pending) {requeued - signalled:.1f} s; released -> finished {finished - requeued:.1f} s;"
+          f" resumed at step {summary['start_step']} of {steps}")
+
+
+def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
+    """Two sweep points as a SLURM array (1 task each, side by side); point 0 is preempted with USR1 mid-run."""
+    steps = 16
+    sweep = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", "stage=vae",
+         *common(tiny_shapes, tmp_path), f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+         "checkpoint.every_n_train_steps=4", "seed=1,2"],
+        cwd=tmp_path, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        sweep_dir = wait_for("the sweep dir", lambda: next((tmp_path / "runs" / "multirun").glob("*/"), None), 120)
+        point = sweep_dir / "0"
+        wait_for("point 0's first checkpoint", lambda: (point / "checkpoints" / "step0000004.ckpt").exists(), 240, 0.2)
+        array = wait_for("the array job id", lambda: next((p.name for p in (sweep_dir / ".submitit").iterdir()
+                                                           if p.name.isdigit()), None), 30)
+        job = f"{array}_0"
+        subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
+        wait_for("the requeue", lambda: job_info(cluster, job).get("JobState") == "PENDING", 120)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
+        output, _ = sweep.communicate(timeout=400)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, output[-4000:]
+    first = json.loads((point / "summary.json").read_text())
+    second = json.loads((sweep_dir / "1" / "summary.json").read_text())
+    assert first["global_step"] == second["global_step"] == steps
+    assert 4 <= saved_step(point) <= first["start_step"] < steps  # USR1 -> Lightning saved, requeued, resumed
+    assert second["start_step"] == 0
