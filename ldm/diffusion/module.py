@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ldm.autoencoder.distribution import DiagonalGaussian
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.conditioning import build_conditioner
 from ldm.diffusion.ema import EMA
@@ -68,8 +69,12 @@ class LatentDiffusionModule(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.autoencoder.encode(images).sample(generator) * self.scale_factor
+    def posterior(self, batch: dict) -> DiagonalGaussian:
+        """The autoencoder's posterior for a batch: from its images, or from precomputed moments
+        (data.latents=true, shards from `python -m ldm.data.latents`), where the encoder never runs."""
+        if "moments" in batch:
+            return DiagonalGaussian(batch["moments"].float())
+        return self.autoencoder.encode(batch["image"])
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -91,8 +96,8 @@ class LatentDiffusionModule(pl.LightningModule):
         return cpu, torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.no_grad()
-    def _estimate_scale_factor(self, images: torch.Tensor) -> None:
-        z = self.autoencoder.encode(images).sample(self.step_generators(-1)[1])
+    def _estimate_scale_factor(self, batch: dict) -> None:
+        z = self.posterior(batch).sample(self.step_generators(-1)[1])
         std = z.float().std()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(std)
@@ -103,14 +108,14 @@ class LatentDiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if float(self.scale_factor) <= 0:
-            self._estimate_scale_factor(batch["image"])
+            self._estimate_scale_factor(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        images, captions = batch["image"], list(batch["caption"])
+        captions = list(batch["caption"])
         cpu_gen, gen = self.step_generators(self.global_step)
         drop = torch.rand(len(captions), generator=cpu_gen) < self.hparams.cond_drop_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        z0 = self.encode_images(images, gen)
+        z0 = self.posterior(batch).sample(gen) * self.scale_factor
         context = self.encode_text(captions)
         t = self.schedule.sample_timesteps(z0.shape[0], z0.device, generator=gen)
         noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
@@ -188,16 +193,18 @@ class LatentDiffusionModule(pl.LightningModule):
         self._metric_images, self._metric_prompts = [], []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images, captions = batch["image"], list(batch["caption"])
+        captions = list(batch["caption"])
+        if float(self.scale_factor) <= 0:
+            self._estimate_scale_factor(batch)
+        post = self.posterior(batch)
         if self.val_metrics is not None:  # the first validation images and their captions: a fixed set per run
             room = self._metric_share() - len(self._metric_prompts)
             if room > 0:
                 self._metric_prompts += captions[:room]
-                if not self.val_metrics.has_real:
-                    self._metric_images.append(images[:room])
-        if float(self.scale_factor) <= 0:
-            self._estimate_scale_factor(images)
-        z0 = self.encode_images(images)
+                if not self.val_metrics.has_real:  # latent shards: the real images are the decoded means
+                    real = batch["image"] if "image" in batch else self.autoencoder.decode(post.mode()).clamp(-1, 1)
+                    self._metric_images.append(real[:room])
+        z0 = post.mode() * self.scale_factor  # deterministic, like the noise and timesteps below
         context = self.encode_text(captions, use_ema=True)
         g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
         noise = torch.randn(z0.shape, generator=g).to(z0)

@@ -193,6 +193,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     ensure_shapes_data(cfg)
     data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
+    if data_args.get("latents") and cfg.stage.name == "ldm" and not data_args.get("autoencoder"):
+        data_args["autoencoder"] = str(resolve_autoencoder_path(cfg))  # refuse shards another autoencoder made
     datamodule = instantiate(data_args, _convert_="all")
     logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
                          run_name=f"{cfg.stage.name}-{run_dir.name}", resume_from=resume)

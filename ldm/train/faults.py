@@ -77,7 +77,9 @@ def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor) -> bool:
     Uses the trainer's NonFiniteLossGuard (added by ldm.train.cli with the configured limit); a module
     trained by another script gets one with the default limit.
     """
-    trainer = module.trainer
+    trainer = module._trainer
+    if trainer is None:  # a training_step called by hand (tests, notebooks): nothing to coordinate with
+        return False
     guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteLossGuard)), None)
     if guard is None:
         guard = NonFiniteLossGuard()
