@@ -101,9 +101,11 @@ def test_compvis_checkpoints_load_live_or_ema_weights(kind, tmp_path):
     assert_same_output(UNetModel.from_pretrained(unet_only, **partial), live_model, arch["context_dim"])
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-classes"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-classes", "sd1-groups8"])
 def test_ours_round_trips_through_diffusers_and_compvis(kind, tmp_path):
     arch = dict(OURS[kind.split("-")[0]], num_classes=5 if kind.endswith("classes") else None)
+    if kind.endswith("groups8"):  # the tiny preset's GroupNorm: diffusers' norm_num_groups carries it
+        arch["norm_num_groups"] = 8
     ours = randomize(UNetModel(**arch), seed=3)
     extra = {"class_labels": torch.tensor([1, 4])} if arch["num_classes"] else {}
     save_diffusers(ours, tmp_path / "diffusers", sample_size=16)

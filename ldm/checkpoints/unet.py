@@ -33,7 +33,7 @@ RESNET_RENAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1"
 # diffusers config values the CompVis UNet computes in only one way: anything else is refused on import.
 DIFFUSERS_FIXED: dict[str, Any] = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-    "norm_num_groups": 32, "norm_eps": 1e-5, "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "dual_cross_attention": False,
     "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
@@ -51,10 +51,11 @@ def diffusers_config(config: dict[str, Any], sample_size: int | None = None) -> 
     """Our UNet kwargs -> a diffusers `UNet2DConditionModel` config.json (SD 1.x/2.x conventions)."""
     mult, ds_attn = config["channel_mult"], set(config["attention_resolutions"])
     widths = [config["model_channels"] * m for m in mult]
-    bad = [w for w in widths if w % 32]
+    groups = config.get("norm_num_groups", 32)
+    bad = [w for w in widths if w % groups]
     if bad:
-        raise ValueError(f"diffusers uses GroupNorm with 32 groups: every level width must be a multiple of 32, "
-                         f"got model_channels * channel_mult = {widths}")
+        raise ValueError(f"diffusers uses GroupNorm with norm_num_groups={groups} everywhere: every level width must "
+                         f"be a multiple of it, got model_channels * channel_mult = {widths}")
     if config.get("context_dim") is None:
         raise ValueError("diffusers UNet2DConditionModel needs a cross-attention width: context_dim is None")
     attn = [2 ** i in ds_attn for i in range(len(mult))]
@@ -77,7 +78,8 @@ def diffusers_config(config: dict[str, Any], sample_size: int | None = None) -> 
         "layers_per_block": config["num_res_blocks"], "attention_head_dim": heads,
         "cross_attention_dim": config["context_dim"], "use_linear_projection": config["use_linear_in_transformer"],
         "transformer_layers_per_block": config["transformer_depth"], "num_class_embeds": config.get("num_classes"),
-        "dropout": config.get("dropout", 0.0), "upcast_attention": False, **DIFFUSERS_FIXED,
+        "dropout": config.get("dropout", 0.0), "upcast_attention": False, "norm_num_groups": groups,
+        **DIFFUSERS_FIXED,
     }
 
 
@@ -133,6 +135,7 @@ def config_from_diffusers(dcfg: dict[str, Any], source: str = "config.json") -> 
         "num_res_blocks": layers, "attention_resolutions": [2 ** i for i, a in enumerate(attn) if a],
         **head_kw, "transformer_depth": depth, "context_dim": context_dim,
         "use_linear_in_transformer": bool(dcfg.get("use_linear_projection", False)),
+        "norm_num_groups": int(dcfg.get("norm_num_groups", 32)),
         "dropout": float(dcfg.get("dropout", 0.0)), "num_classes": dcfg.get("num_class_embeds"),
     }
 

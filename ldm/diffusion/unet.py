@@ -33,13 +33,14 @@ class ResBlock(TimestepBlock):
     intermediates that autograd does not keep (conv outputs, GroupNorm outputs).
     """
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(group_norm(channels, eps=1e-5), nn.SiLU(),
+        self.in_layers = nn.Sequential(group_norm(channels, groups, eps=1e-5), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(group_norm(out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(group_norm(out_channels, groups, eps=1e-5), nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -176,12 +177,12 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
-                 dropout: float = 0.0, use_linear: bool = False, use_checkpoint: bool = False):
+                 dropout: float = 0.0, use_linear: bool = False, use_checkpoint: bool = False, groups: int = 32):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
         self.use_checkpoint = use_checkpoint
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
@@ -234,7 +235,7 @@ class UNetModel(nn.Module):
                  attention_resolutions: Sequence[int] = (4, 2, 1), num_heads: int = -1,
                  num_head_channels: int = -1, transformer_depth: int = 1, context_dim: int | None = None,
                  use_linear_in_transformer: bool = False, dropout: float = 0.0,
-                 use_checkpoint: bool = False, num_classes: int | None = None):
+                 use_checkpoint: bool = False, num_classes: int | None = None, norm_num_groups: int = 32):
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
             raise ValueError("model.unet: set exactly one of num_heads and num_head_channels")
@@ -253,7 +254,7 @@ class UNetModel(nn.Module):
             attention_resolutions=list(attention_resolutions), num_heads=num_heads,
             num_head_channels=num_head_channels, transformer_depth=transformer_depth, context_dim=context_dim,
             use_linear_in_transformer=use_linear_in_transformer, dropout=dropout,
-            use_checkpoint=use_checkpoint, num_classes=num_classes)
+            use_checkpoint=use_checkpoint, num_classes=num_classes, norm_num_groups=norm_num_groups)
         self.model_channels = model_channels
         self.use_checkpoint = use_checkpoint
         emb_dim = model_channels * 4
@@ -265,7 +266,7 @@ class UNetModel(nn.Module):
             heads = num_heads if num_heads != -1 else ch // num_head_channels
             dim_head = ch // heads
             return SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim, dropout,
-                                      use_linear_in_transformer, use_checkpoint)
+                                      use_linear_in_transformer, use_checkpoint, norm_num_groups)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3,
                                                                              padding=1))])
@@ -273,7 +274,7 @@ class UNetModel(nn.Module):
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * model_channels, dropout)]
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * model_channels, dropout, norm_num_groups)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
@@ -283,12 +284,12 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, dropout), attention(ch),
-                                                    ResBlock(ch, emb_dim, ch, dropout))
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, dropout, norm_num_groups), attention(ch),
+                                                    ResBlock(ch, emb_dim, ch, dropout, norm_num_groups))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * model_channels, dropout)]
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * model_channels, dropout, norm_num_groups)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
@@ -296,7 +297,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(group_norm(ch, eps=1e-5), nn.SiLU(),
+        self.out = nn.Sequential(group_norm(ch, norm_num_groups, eps=1e-5), nn.SiLU(),
                                  zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     @property
@@ -348,7 +349,7 @@ class UNetModel(nn.Module):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_channels=32, channel_mult=[1, 2, 4], num_res_blocks=1, attention_resolutions=[1, 2, 4],
-                 num_head_channels=32, context_dim=64),
+                 num_head_channels=32, context_dim=64, norm_num_groups=8),
     "small": dict(model_channels=128, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[2, 4],
                   num_head_channels=32, context_dim=512),
     "sd15": dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_resolutions=[4, 2, 1],
