@@ -124,8 +124,7 @@ class LatentDiffusionModule(pl.LightningModule):
                                                                     device=z0.device, dtype=z0.dtype)
         per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
-        if skip_nonfinite(self, loss):  # all ranks skip together (see ldm.train.faults)
-            return None
+        skip_nonfinite(self, loss)  # non-finite on any rank: every rank drops this step's update (ldm.train.faults)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("train/mse", per_sample.mean().detach(), batch_size=z0.shape[0])
         return loss

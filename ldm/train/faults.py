@@ -3,7 +3,14 @@
 A single inf/NaN loss (one bad batch, an fp16 overflow) should cost one step, not the run: the step is
 skipped and counted. Many in a row mean the run has diverged; it stops with a checkpoint and a message
 instead of training on garbage. Under DDP the skip must be decided by all ranks together: a rank that
-skips its backward while the others all-reduce gradients would leave them waiting forever.
+skips its backward while the others all-reduce gradients would leave them waiting forever, and a rank
+that updates while the others do not drifts apart from them.
+
+How a step is skipped depends on the optimization mode. Manual (stage=vae): the module sees the verdict
+and returns before its optimizer steps. Automatic (stage=ldm): Lightning refuses a training_step that returns
+None under DDP, so the loss goes through backward as usual (the gradient all-reduce stays matched on every
+rank) and the guard drops the gradients just before the optimizer step; AdamW leaves parameters without
+gradients untouched (no moment or weight-decay update). The step still counts in global_step.
 
 A rank that dies (OOM kill, a node failure) leaves the others blocked in their next collective. The
 process group timeout (`faults.collective_timeout_s`, see `build_strategy`) turns that into an error, and
@@ -34,6 +41,7 @@ class NonFiniteLossGuard(pl.Callback):
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
+        self._drop_gradients = False
 
     def check(self, module: pl.LightningModule, loss: torch.Tensor) -> bool:
         """True when this step must be skipped: the loss is non-finite on any rank."""
@@ -46,12 +54,22 @@ class NonFiniteLossGuard(pl.Callback):
             return False
         self.skipped += 1
         self.consecutive += 1
+        self._drop_gradients = module.automatic_optimization
         rank_zero_warn(f"non-finite loss at step {trainer.global_step}: step skipped "
                        f"({self.consecutive} in a row, {self.skipped} in all)")
         module.log("train/nonfinite_skipped", float(self.skipped), batch_size=1)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             self._stop(trainer)
         return True
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Automatic optimization: a flagged step (or accumulation window) updates nothing."""
+        if self._drop_gradients:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._drop_gradients = False
 
     def _stop(self, trainer: pl.Trainer) -> None:
         directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None
@@ -72,7 +90,9 @@ class NonFiniteLossGuard(pl.Callback):
 
 
 def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor) -> bool:
-    """Called by a training_step before its backward: True means return without stepping.
+    """Called by every training_step with its loss, on every rank: True means this step updates nothing.
+
+    Manual optimization: return without stepping when True. Automatic: return the loss as usual.
 
     Uses the trainer's NonFiniteLossGuard (added by ldm.train.cli with the configured limit); a module
     trained by another script gets one with the default limit.

@@ -1,0 +1,146 @@
+"""Non-finite losses skip their step (on every rank together), too many stop the run with a checkpoint, and a
+stalled rank fails the job after faults.collective_timeout_s instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from ldm.train.faults import (
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    build_strategy,
+    explain_collective_failure,
+    skip_nonfinite,
+)
+
+from .conftest import ROOT
+
+
+class Toy(pl.LightningModule):
+    """A linear model whose loss is made NaN at chosen (rank, batch) pairs; records weights after each batch."""
+
+    def __init__(self, bad: dict[int, list[int]], stall: dict[int, int] | None = None, out: str | None = None):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.bad, self.stall, self.out = bad, stall or {}, out
+        self.history: list[torch.Tensor] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.stall.get(self.global_rank) == batch_idx:
+            time.sleep(600)  # a rank that stops answering
+        loss = self.layer(batch).pow(2).mean()
+        if batch_idx in self.bad.get(self.global_rank, []):
+            loss = loss * float("nan")
+        skip_nonfinite(self, loss)  # as LatentDiffusionModule does: the guard drops the update
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.history.append(self.layer.weight.detach().clone())
+
+    def on_train_end(self) -> None:
+        if self.out:
+            guard = next(c for c in self.trainer.callbacks if isinstance(c, NonFiniteLossGuard))
+            record = {"skipped": guard.skipped, "weight": self.layer.weight.flatten().tolist(),
+                      "finite": bool(torch.isfinite(self.layer.weight).all())}
+            Path(self.out, f"rank{self.global_rank}.json").write_text(json.dumps(record))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), batch_size=2)
+
+
+def _trainer(tmp_path, callbacks: list[pl.Callback], max_steps: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks, **kwargs)
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path, one_thread):
+    torch.manual_seed(0)
+    module, guard = Toy(bad={0: [2, 3]}), NonFiniteLossGuard(max_consecutive=3)
+    _trainer(tmp_path, [guard], 6, enable_checkpointing=False).fit(module)
+    w = module.history
+    assert torch.equal(w[1], w[2]) and torch.equal(w[2], w[3])  # batches 2 and 3 changed nothing
+    assert not torch.equal(w[3], w[4]) and all(torch.isfinite(x).all() for x in w)
+    assert guard.skipped == 2 and guard.consecutive == 0
+    assert guard.state_dict() == {"skipped": 2}  # kept in checkpoints
+
+
+def test_consecutive_nonfinite_losses_stop_with_a_checkpoint(tmp_path, one_thread):
+    torch.manual_seed(0)
+    module, guard = Toy(bad={0: list(range(1, 100))}), NonFiniteLossGuard(max_consecutive=3)
+    ckpts = tmp_path / "checkpoints"
+    trainer = _trainer(tmp_path, [guard, ModelCheckpoint(dirpath=str(ckpts))], 20)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses.*ckpt="):
+        trainer.fit(module)
+    (saved,) = ckpts.glob("nonfinite-step*.ckpt")
+    state = torch.load(saved, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(state["layer.weight"], module.history[0])  # the weights of the last finite step
+
+
+def _ddp_main(out: str, scenario: str) -> None:
+    """Run in a fresh interpreter (see _run_ddp): 2 CPU ranks over gloo, started by spawn."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if scenario == "one_rank_nan":
+        module, max_steps = Toy(bad={1: [2]}, out=out), 5
+    else:  # "stall": rank 1 stops answering at batch 2
+        module, max_steps = Toy(bad={}, stall={1: 2}, out=out), 5
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=5))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[NonFiniteLossGuard(3)], default_root_dir=out)
+    try:
+        trainer.fit(module)
+    except Exception as err:
+        print("EXPLAINED:", explain_collective_failure(err, 0, 5), flush=True)
+        raise
+
+
+def _run_ddp(tmp_path, scenario: str, timeout: float) -> subprocess.CompletedProcess:
+    code = f"from tests.test_faults import _ddp_main; _ddp_main({str(tmp_path)!r}, {scenario!r})"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_ddp_skip_is_collective(tmp_path):
+    """Only rank 1 sees a NaN; both ranks skip that step (no hang) and keep identical weights."""
+    proc = _run_ddp(tmp_path, "one_rank_nan", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
+    assert ranks[0]["weight"] == ranks[1]["weight"] and ranks[0]["finite"]
+
+
+def test_stalled_rank_fails_after_the_collective_timeout(tmp_path):
+    """Rank 1 stops answering: rank 0's collective times out after 5 s and the job ends with an explanation."""
+    start = time.time()
+    proc = _run_ddp(tmp_path, "stall", timeout=240)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert "a collective operation failed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert elapsed < 120, elapsed  # not the 600 s stall, nor PyTorch's 30 min default
+
+
+def test_build_strategy_sets_the_timeout():
+    ddp = build_strategy("ddp", 42, find_unused_parameters=True)
+    assert ddp._timeout == timedelta(seconds=42) and ddp._ddp_kwargs["find_unused_parameters"] is True
+    assert build_strategy("auto", 42, devices=2)._timeout == timedelta(seconds=42)
+    assert build_strategy("auto", 42, devices=1) == "auto"
+    assert build_strategy("fsdp", 42)._timeout == timedelta(seconds=42)
