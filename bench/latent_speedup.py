@@ -8,6 +8,7 @@ autoencoder would produce, so the difference is the encoder's forward pass. Inte
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +84,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['autoencoder']} | {r['side']} | {r['batch']} | {r['ms_images']} | {r['ms_latents']} | "
               f"{r['speedup']}x |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
