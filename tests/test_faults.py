@@ -144,3 +144,48 @@ def test_build_strategy_sets_the_timeout():
     assert build_strategy("auto", 42, devices=2)._timeout == timedelta(seconds=42)
     assert build_strategy("auto", 42, devices=1) == "auto"
     assert build_strategy("fsdp", 42)._timeout == timedelta(seconds=42)
+
+
+def _nan_on_calls(fn, bad_calls: set[int]):
+    """Wrap a loss function so that its n-th call (0-based) in bad_calls returns a NaN loss."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        n, calls[0] = calls[0], calls[0] + 1
+        if n not in bad_calls:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+
+    return wrapped
+
+
+def test_autoencoder_module_skips_both_optimizers(tmp_path, one_thread):
+    """stage=vae (manual optimization): a NaN generator loss steps neither optimizer; training reaches max_steps."""
+    from .test_autoencoder_training import _loader, _module
+
+    torch.manual_seed(0)
+    module, guard = _module(), NonFiniteLossGuard(max_consecutive=3)
+    module.loss.generator = _nan_on_calls(module.loss.generator, {1, 2})
+    trainer = _trainer(tmp_path, [guard], 4, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, _loader())
+    assert trainer.global_step == 4 and guard.skipped == 2
+    assert module.optimizer_steps == [4, 2]  # discriminator from disc_start=2, never on a skipped batch
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_latent_diffusion_module_drops_the_update(tmp_path, one_thread):
+    """stage=ldm (automatic optimization): the step with a NaN loss leaves the UNet weights as they were."""
+    from tests.ldm_factory import tiny_ldm
+
+    torch.manual_seed(0)
+    module, guard = tiny_ldm(), NonFiniteLossGuard(max_consecutive=3)
+    module.denoising_error = _nan_on_calls(module.denoising_error, {1})
+    weights = []
+    module.on_train_batch_start = lambda batch, idx: weights.append(module.unet.out[2].weight.detach().clone())
+    images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": "c"} for _ in range(12)]
+    trainer = _trainer(tmp_path, [guard], 3, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(images, batch_size=4))
+    assert guard.skipped == 1
+    assert not torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])  # step 1 dropped
+    assert all(torch.isfinite(p).all() for p in module.unet.parameters())
