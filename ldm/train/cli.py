@@ -58,6 +58,12 @@ def ensure_shapes_data(cfg: DictConfig) -> None:
     if cfg.data.get("name") != "shapes":
         return
     train = Path(str(cfg.data.train_shards))
+    if "SLURM_STEP_ID" in os.environ and os.environ.get("SLURM_PROCID", "0") != "0":
+        # srun starts every rank at once: rank 0 writes, the others wait for its info.json (written last).
+        deadline = time.time() + 900
+        while not (train.parent / "info.json").exists() and time.time() < deadline:
+            time.sleep(1)
+        return
     if train.is_dir() and any(train.glob("*.tar")):
         return
     from ldm.data.shapes import write_shapes
