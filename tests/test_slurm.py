@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -183,3 +184,16 @@ def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
     assert first["global_step"] == second["global_step"] == steps
     assert 4 <= saved_step(point) <= first["start_step"] < steps  # USR1 -> Lightning saved, requeued, resumed
     assert second["start_step"] == 0
+
+
+def test_sbatch_exit_code_is_sruns(cluster, tiny_shapes, tmp_path):
+    """A run that stops at start-up (stage=ldm without an autoencoder) fails the job with srun's exit code."""
+    job, rc = sbatch(cluster, tmp_path, "stage=ldm", *common(tiny_shapes, tmp_path), f"paths.exports={tmp_path}/none",
+                     wait=True)
+    log = log_of(tmp_path, job, tail=10**7)
+    srun_rc = int(re.search(r"srun exited with (\d+)", log).group(1))
+    # 2 from the first rank out; srun may instead report the rank --kill-on-bad-exit killed. Either way: != 0.
+    assert rc == srun_rc != 0, log[-4000:]
+    wait_for("the job record", lambda: job_info(cluster, job).get("JobState") == "FAILED", 30)
+    assert job_info(cluster, job)["ExitCode"] == f"{srun_rc}:0"
+    assert "needs a trained autoencoder" in log
