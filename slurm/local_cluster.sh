@@ -132,6 +132,12 @@ start() {
 }
 
 stop() {
+    export SLURM_CONF=$CONF
+    if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid"; then
+        # Cancel what is left and let slurmd see its job steps out; stopped first, they would be orphaned.
+        squeue -h -o %A 2>/dev/null | sort -u | xargs -r scancel 2>/dev/null || true
+        for _ in $(seq 1 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.1; done
+    fi
     for daemon in slurmd slurmctld munged; do
         pidfile=$DIR/$daemon.pid
         if alive "$pidfile"; then
@@ -141,6 +147,12 @@ stop() {
             kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
         fi
         rm -f "$pidfile"
+    done
+    # Job step daemons of this cluster that outlived slurmd (their environment names our slurm.conf).
+    for pid in $(pgrep -x slurmstepd || true); do
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
     done
     echo "[local_cluster] stopped" >&2
 }
