@@ -41,20 +41,30 @@ class NonFiniteLossGuard(pl.Callback):
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
-        self._drop_gradients = False
+        self._pending: torch.Tensor | None = None  # automatic optimization: the flag of the current window
 
     def check(self, module: pl.LightningModule, loss: torch.Tensor) -> bool:
-        """True when this step must be skipped: the loss is non-finite on any rank."""
+        """True when this step must be skipped: the loss is non-finite on any rank.
+
+        Under automatic optimization the flag stays on the device until `on_before_optimizer_step`, so the
+        forward and backward are queued without a host synchronisation; the check always returns False there.
+        """
         bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
         trainer = module.trainer
         if trainer.world_size > 1:  # one decision for all ranks, or the ranks that do step wait forever
             bad = trainer.strategy.reduce(bad, reduce_op="sum")
-        if float(bad) == 0:
+        if module.automatic_optimization:
+            self._pending = bad if self._pending is None else self._pending + bad
+            return False
+        return self._decide(module, float(bad) > 0)
+
+    def _decide(self, module: pl.LightningModule, bad: bool) -> bool:
+        trainer = module.trainer
+        if not bad:
             self.consecutive = 0
             return False
         self.skipped += 1
         self.consecutive += 1
-        self._drop_gradients = module.automatic_optimization
         rank_zero_warn(f"non-finite loss at step {trainer.global_step}: step skipped "
                        f"({self.consecutive} in a row, {self.skipped} in all)")
         module.log("train/nonfinite_skipped", float(self.skipped), batch_size=1)
@@ -64,12 +74,15 @@ class NonFiniteLossGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        """Automatic optimization: a flagged step (or accumulation window) updates nothing."""
-        if self._drop_gradients:
+        """Automatic optimization: a flagged step (or accumulation window) updates nothing. The one host read
+        of the flag happens here, after the backward has been queued."""
+        if self._pending is None:
+            return
+        bad, self._pending = float(self._pending) > 0, None
+        if self._decide(pl_module, bad):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            self._drop_gradients = False
 
     def _stop(self, trainer: pl.Trainer) -> None:
         directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None
