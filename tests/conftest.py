@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +47,17 @@ def randomize(model: torch.nn.Module, seed: int, std: float) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
+
+
+class TinyImageModule(pl.LightningModule):
+    """The smallest model that consumes image batches: data tests drive the real Lightning loops with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["image"].mean((2, 3))).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)

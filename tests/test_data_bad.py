@@ -18,6 +18,7 @@ from ldm.data.callbacks import DataStatsCallback
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.decode import DecodeOptions, load_image, to_rgb
 from ldm.data.pipeline import TrainStream, ValStream, shard_counts
+from tests.conftest import TinyImageModule
 
 
 class _WritesFile:
@@ -139,18 +140,6 @@ def test_modes_and_filters(tmp_path: Path) -> None:
     assert [b["key"] for b in batches] == [["0"]] and batches[0]["data_stats"]["filtered"] == 1
 
 
-class _Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch["image"].mean((2, 3))).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 def _fit(tmp_path: Path, max_skip_fraction: float) -> DataStatsCallback:
     write_bad_shard(tmp_path / "00000.tar", tmp_path / "pwned.txt")
     dm = ShardDataModule(train_shards=str(tmp_path / "00000.tar"), val_shards=None, resolution=8, batch_size=2,
@@ -159,7 +148,7 @@ def _fit(tmp_path: Path, max_skip_fraction: float) -> DataStatsCallback:
     callback = DataStatsCallback(max_skip_fraction=max_skip_fraction, every_n_batches=2, min_samples=4)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
-    trainer.fit(_Tiny(), datamodule=dm)
+    trainer.fit(TinyImageModule(), datamodule=dm)
     assert not (tmp_path / "pwned.txt").exists()
     return callback
 

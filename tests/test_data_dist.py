@@ -26,6 +26,7 @@ from ldm.data.pipeline import (
     shard_counts,
     worker_share,
 )
+from tests.conftest import TinyImageModule
 
 SIZES = (7, 13, 20, 3, 9)
 BATCH, WORLD, WORKERS, EPOCHS = 4, 2, 2, 3
@@ -240,18 +241,6 @@ class _Recorder(pl.Callback):
         self.keys.setdefault(trainer.current_epoch, []).append(tuple(batch["key"]))
 
 
-class _Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch["image"].mean((2, 3))).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 @pytest.mark.parametrize("mode", ["resampled", "finite"])
 def test_lightning_resume_mid_epoch_continues_the_epoch(tmp_path: Path, mode: str) -> None:
     """Stopped after 3 of 6 batches and resumed from that checkpoint: the run sees the other 3, then epoch 1."""
@@ -270,7 +259,7 @@ def test_lightning_resume_mid_epoch_continues_the_epoch(tmp_path: Path, mode: st
         trainer = pl.Trainer(max_epochs=2, max_steps=max_steps, accelerator="cpu", logger=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, checkpoint],
                              num_sanity_val_steps=0)
-        trainer.fit(_Tiny(), datamodule=ShardDataModule(**data), ckpt_path=ckpt_path)
+        trainer.fit(TinyImageModule(), datamodule=ShardDataModule(**data), ckpt_path=ckpt_path)
         return recorder
 
     full = fit().keys

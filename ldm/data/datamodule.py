@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.callbacks import DataStatsCallback
+from ldm.data.decode import DecodeOptions
 from ldm.data.latents import check_latents
 from ldm.data.pipeline import (
     MODES,
@@ -131,12 +132,8 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError("set data.epoch_length (batches per rank) or data.epoch_samples (all ranks), not both")
         if self.epoch_samples is not None and self.epoch_samples < 1:
             raise ValueError(f"data.epoch_samples must be a positive integer or None, got {self.epoch_samples!r}")
-        if self.crop not in ("center", "random"):
-            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"data.flip_p must be in [0, 1], got {self.flip_p!r}")
-        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
-            raise ValueError(f"data.background must be three values in 0..255, got {self.background!r}")
+        # crop, flip_p and background are checked where they are used, by the decoder's options
+        DecodeOptions(resolution=self.resolution, crop=self.crop, flip_p=self.flip_p, background=self.background)
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction!r}")
         if self.min_size < 0 or self.retries < 0:

@@ -183,9 +183,9 @@ class LatentDiffusionModule(pl.LightningModule):
         return self.decode_latents(z)
 
     # ------------------------------------------------------------------ validation
-    def _metric_share(self) -> int:
-        """This rank's part of metrics.num_samples (the first ranks take the remainder)."""
-        world, rank = self.trainer.world_size, self.global_rank
+    def _metric_share(self, rank: int) -> int:
+        """A rank's part of metrics.num_samples (the first ranks take the remainder)."""
+        world = self.trainer.world_size
         return self.num_metric_samples // world + (rank < self.num_metric_samples % world)
 
     def on_validation_epoch_start(self) -> None:
@@ -197,7 +197,7 @@ class LatentDiffusionModule(pl.LightningModule):
             self._estimate_scale_factor(batch)
         post = self.posterior(batch)
         if self.val_metrics is not None:  # the first validation images and their captions: a fixed set per run
-            room = self._metric_share() - len(self._metric_prompts)
+            room = self._metric_share(self.global_rank) - len(self._metric_prompts)
             if room > 0:
                 self._metric_prompts += captions[:room]
                 if not self.val_metrics.has_real:  # latent shards: the real images are the decoded means
@@ -244,9 +244,7 @@ class LatentDiffusionModule(pl.LightningModule):
                 metrics.update_real(images)
             metrics.has_real = True
         prompts = self._metric_prompts
-        first = sum(self.num_metric_samples // self.trainer.world_size + (r < self.num_metric_samples %
-                                                                          self.trainer.world_size)
-                    for r in range(self.global_rank))
+        first = sum(self._metric_share(r) for r in range(self.global_rank))
         batch = max(1, self.trainer.datamodule.val_batch_size if self.trainer.datamodule is not None else 16)
         for start in range(0, len(prompts), batch):
             chunk = prompts[start:start + batch]

@@ -18,7 +18,6 @@ class ThroughputMonitor(pl.Callback):
         self.samples_seen = 0
         self._reset_window()
         self._batch_end: float | None = None
-        self._batch_start = 0.0
 
     def _reset_window(self) -> None:
         self._window_images = 0
@@ -41,7 +40,6 @@ class ThroughputMonitor(pl.Callback):
             self._window_start = now
         elif self._batch_end is not None:
             self._window_wait += now - self._batch_end  # the loop waited this long for the next batch
-        self._batch_start = now
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
