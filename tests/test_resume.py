@@ -1,4 +1,4 @@
-"""Stop-and-resume equals an uninterrupted run: weights, optimizer state, EMA, scale_factor and global step."""
+"""Stop-and-resume equals an uninterrupted run (stage=ldm and stage=vae): weights, optimizer state, EMA, step."""
 
 from __future__ import annotations
 
@@ -61,3 +61,42 @@ def test_resume_matches_uninterrupted(tmp_path):
     sched = [t.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"]
              for t in (resumed_trainer, straight_trainer)]
     assert sched[0] == sched[1] == n + m
+
+
+def fit_vae(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
+    from ldm.autoencoder.module import AutoencoderModule
+
+    torch.manual_seed(0)
+    # The GAN joins at step 2, so both optimizers step on both sides of the stop.
+    module = AutoencoderModule(
+        autoencoder=dict(embed_dim=4, z_channels=4, ch=8, ch_mult=[1, 2], num_res_blocks=1, resolution=8,
+                         norm_num_groups=4),
+        loss=dict(perceptual_weight=0.0, disc_start=2, disc_ndf=8, disc_num_layers=1, logvar_init=0.0),
+        lr=1e-3, warmup_steps=3, image_log_every=0, metrics={"fid": {"extractor": "small", "num_features": 8}},
+        seed=5)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, deterministic=True, default_root_dir=root)
+    trainer.fit(module, DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=0), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_autoencoder_resume_matches_uninterrupted(tmp_path):
+    n, m = 3, 2
+    trainer, first = fit_vae(n, tmp_path / "a")
+    ckpt = tmp_path / "stop.ckpt"
+    trainer.save_checkpoint(ckpt)
+    torch.randn(1000)  # the global RNG is elsewhere after a restart; the posterior sample must not depend on it
+    resumed_trainer, resumed = fit_vae(n + m, tmp_path / "b", ckpt_path=str(ckpt))
+    straight_trainer, straight = fit_vae(n + m, tmp_path / "c")
+
+    assert resumed_trainer.global_step == straight_trainer.global_step == n + m
+    assert resumed.optimizer_steps == straight.optimizer_steps == [n + m, n + m - 2]
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    assert not torch.equal(first.autoencoder.decoder.conv_out.weight, straight.autoencoder.decoder.conv_out.weight)
+    for opt_resumed, opt_straight in zip(resumed_trainer.optimizers, straight_trainer.optimizers, strict=True):
+        for key, state in opt_straight.state_dict()["state"].items():
+            for field, value in state.items():
+                torch.testing.assert_close(opt_resumed.state_dict()["state"][key][field], value, atol=0, rtol=0)

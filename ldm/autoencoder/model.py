@@ -52,9 +52,10 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
-        z = posterior.sample() if sample_posterior else posterior.mode()
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     def last_layer_weight(self) -> torch.Tensor:

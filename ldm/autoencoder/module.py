@@ -20,6 +20,7 @@ from ldm.metrics.reconstruction import ReconstructionMetrics
 from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
+from ldm.train.rng import step_generators
 
 # Frozen networks rebuilt from their own weights (LPIPS's VGG, FID's Inception): kept out of checkpoints.
 _FROZEN_PREFIXES = ("loss.lpips.", "val_metrics.")
@@ -40,7 +41,8 @@ class AutoencoderModule(pl.LightningModule):
     def __init__(self, autoencoder: dict[str, Any], loss: dict[str, Any] | None = None, lr: float = 4.5e-6,
                  disc_lr: float | None = None, betas: tuple[float, float] = (0.5, 0.9), warmup_steps: int = 0,
                  grad_clip: float | None = None, image_log_every: int = 500, num_log_images: int = 16,
-                 metrics: dict[str, Any] | None = None, fp16_upcast: bool = True, score_shapes: bool = False):
+                 metrics: dict[str, Any] | None = None, fp16_upcast: bool = True, score_shapes: bool = False,
+                 seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -64,9 +66,11 @@ class AutoencoderModule(pl.LightningModule):
             return torch.autocast(self.device.type, enabled=False)
         return contextlib.nullcontext()
 
-    def reconstruct(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, Any]:
+    def reconstruct(self, x: torch.Tensor, sample_posterior: bool = True,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
         with self._fp16_guard():
-            return self.autoencoder(x.float() if self.hparams.fp16_upcast else x, sample_posterior=sample_posterior)
+            return self.autoencoder(x.float() if self.hparams.fp16_upcast else x, sample_posterior=sample_posterior,
+                                    generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x, sample_posterior=False)[0]
@@ -84,7 +88,9 @@ class AutoencoderModule(pl.LightningModule):
         sched_ae, sched_disc = self.lr_schedulers()
 
         self.toggle_optimizer(opt_ae)  # discriminator frozen: its weights get no gradient from the generator loss
-        recon, posterior = self.reconstruct(x)
+        # The posterior sample is drawn from a generator seeded by (seed, step, rank): a resumed run draws the same.
+        generator = step_generators(self.hparams.seed, step, self.global_rank, self.device)[1]
+        recon, posterior = self.reconstruct(x, generator=generator)
         g_loss, logs = self.loss.generator(x, recon, posterior, step, self.autoencoder.last_layer_weight(),
                                            self._grad_scale())
         if skip_nonfinite(self, g_loss):  # no optimizer steps this batch, on any rank (see ldm.train.faults)

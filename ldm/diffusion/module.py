@@ -20,6 +20,7 @@ from ldm.metrics.generation import GenerationMetrics
 from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup
+from ldm.train.rng import step_generators
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -89,11 +90,7 @@ class LatentDiffusionModule(pl.LightningModule):
         """(CPU, device) generators seeded by (seed, step, rank): the noise, timesteps, posterior sample and
         caption dropout of a step are a function of those alone, so a resumed run draws what an uninterrupted
         one would have drawn."""
-        seed = ((int(self.hparams.seed) * 1_000_003 + step) * 1_009 + self.global_rank) % 2**63
-        cpu = torch.Generator().manual_seed(seed)
-        if self.device.type == "cpu":
-            return cpu, cpu
-        return cpu, torch.Generator(device=self.device).manual_seed(seed)
+        return step_generators(self.hparams.seed, step, self.global_rank, self.device)
 
     @torch.no_grad()
     def _estimate_scale_factor(self, batch: dict) -> None:

@@ -34,6 +34,11 @@ from ldm.train.throughput import ThroughputMonitor
 # Frozen parts (autoencoder, text encoder, EMA copy) are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Manual optimization (stage=vae): a checkpoint after step N holds the weights after N updates, with global_step N,
+# which is what resuming needs; Lightning's "pre-optimization state" advice does not apply.
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+# The shard datamodule resumes mid-epoch itself (its state_dict is in the checkpoint), not through the DataLoader.
+warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
 
 
 def run_directory() -> Path:
