@@ -25,15 +25,24 @@ class Images(Dataset):
         return {"image": image, "caption": f"caption {i % 3}"}
 
 
-def fit(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
-    torch.manual_seed(0)  # identical initial weights in every run
-    module = tiny_ldm(scale_factor=None, prediction_type="v_prediction", warmup_steps=3, ema_decay=0.99)
+def _train(module: pl.LightningModule, max_steps: int, root, ckpt_path: str | None) -> pl.Trainer:
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, deterministic=True, default_root_dir=root)
-    loader = DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=0)
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
-    return trainer, module
+    trainer.fit(module, DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=0), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _assert_same_optimizer_state(resumed: torch.optim.Optimizer, straight: torch.optim.Optimizer) -> None:
+    for key, state in straight.state_dict()["state"].items():
+        for field, value in state.items():
+            torch.testing.assert_close(resumed.state_dict()["state"][key][field], value, atol=0, rtol=0)
+
+
+def fit(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
+    torch.manual_seed(0)  # identical initial weights in every run
+    module = tiny_ldm(scale_factor=None, prediction_type="v_prediction", warmup_steps=3, ema_decay=0.99)
+    return _train(module, max_steps, root, ckpt_path), module
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -52,12 +61,9 @@ def test_resume_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
     # The weights moved after the stop, so the comparison above is not of two untouched copies.
     assert not torch.equal(first.unet.out[2].weight, straight.unet.out[2].weight)
-    opt_resumed = resumed_trainer.optimizers[0].state_dict()
-    opt_straight = straight_trainer.optimizers[0].state_dict()
-    assert opt_resumed["param_groups"][0]["lr"] == opt_straight["param_groups"][0]["lr"]
-    for key, state in opt_straight["state"].items():
-        for field, value in state.items():
-            torch.testing.assert_close(opt_resumed["state"][key][field], value, atol=0, rtol=0)
+    opt_resumed, opt_straight = resumed_trainer.optimizers[0], straight_trainer.optimizers[0]
+    assert opt_resumed.param_groups[0]["lr"] == opt_straight.param_groups[0]["lr"]
+    _assert_same_optimizer_state(opt_resumed, opt_straight)
     sched = [t.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"]
              for t in (resumed_trainer, straight_trainer)]
     assert sched[0] == sched[1] == n + m
@@ -74,11 +80,7 @@ def fit_vae(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trai
         loss=dict(perceptual_weight=0.0, disc_start=2, disc_ndf=8, disc_num_layers=1, logvar_init=0.0),
         lr=1e-3, warmup_steps=3, image_log_every=0, metrics={"fid": {"extractor": "small", "num_features": 8}},
         seed=5)
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, deterministic=True, default_root_dir=root)
-    trainer.fit(module, DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=0), ckpt_path=ckpt_path)
-    return trainer, module
+    return _train(module, max_steps, root, ckpt_path), module
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -97,6 +99,4 @@ def test_autoencoder_resume_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
     assert not torch.equal(first.autoencoder.decoder.conv_out.weight, straight.autoencoder.decoder.conv_out.weight)
     for opt_resumed, opt_straight in zip(resumed_trainer.optimizers, straight_trainer.optimizers, strict=True):
-        for key, state in opt_straight.state_dict()["state"].items():
-            for field, value in state.items():
-                torch.testing.assert_close(opt_resumed.state_dict()["state"][key][field], value, atol=0, rtol=0)
+        _assert_same_optimizer_state(opt_resumed, opt_straight)
