@@ -5,7 +5,7 @@
 # Sections, each in its own process with a timeout (a failure loses only that section), all logs under $OUT:
 #   env    wheels from .whl/ into /tmp/site, nvidia-smi, versions, imports        -> env.log
 #   unet   bench/gpu_unet.py: SD2 UNet, ours vs diffusers, eager + compile       -> unet.log, gpu_unet.json
-#   train  train.py on CUDA: vae bf16 / fp16, ldm bf16, ldm ddp; PASS/FAIL each  -> train.log
+#   train  train.py on CUDA: vae bf16+compile / fp16, ldm bf16 / ddp / compile   -> train.log
 #   micro  bench/run_all.py: unet_step + autoencoder_step (when present), cuda   -> micro.log, micro.json
 #   table  $OUT/gpu_table.md, printed at the end
 # .whl/ holds what the machine's image lacks, at .venv's versions (machine has huggingface_hub, safetensors,
@@ -31,7 +31,7 @@ BUDGET=${GPU_SH_BUDGET_S:-480}  # seconds for all sections; a section gets min(i
 if [[ ${GPU_SH_CPU:-0} == 1 ]]; then
   PY=${PY:-$ROOT/.venv/bin/python}; SITE=$WORK/site; ACCEL=cpu; STEPS=3; DATA_ARGS="--num 600 --num-val 128"
   CAPS=(120 300 900 400); BUDGET=${GPU_SH_BUDGET_S:-1800}  # env unet train micro: a shared 2-core CPU is slow
-  VAE_EXTRA="trainer.limit_val_batches=1"
+  VAE_EXTRA="trainer.limit_val_batches=1"; COMPILE_BACKEND=aot_eager  # inductor's C++ build takes minutes here
   LDM_EXTRA="trainer.limit_val_batches=1 stage.num_val_prompts=4 stage.module.num_inference_steps=5"
   UNET_ARGS="--device cpu --preset tiny --res 32 --batch 2 --steps 2 --warmup 1 --dtype float32 --no-compile"
   MICRO_ARGS="--device cpu --dtype float32 --quick --repeats 1 --threads 2 --only unet_step,autoencoder_step"
@@ -39,6 +39,7 @@ else
   PY=${PY:-python3}; SITE=/tmp/site; ACCEL=gpu; STEPS=30; DATA_ARGS=""
   read -r -a CAPS <<<"${GPU_SH_CAPS:-60 300 200 110}"  # seconds for the sections env unet train micro
   VAE_EXTRA=""; LDM_EXTRA=""  # the stages' own validation (16 prompts, DDIM 50) is part of what is checked
+  COMPILE_BACKEND=inductor
   # --budget-s: start no model variant after 170 s, so the last compile still ends inside the section's cap
   UNET_ARGS="--device cuda --batch 32 --steps 20 --warmup 5 --compile --which ours,diffusers --peak-tflops 989 \
 --budget-s 170 ${GPU_UNET_EXTRA:-}"
@@ -103,19 +104,23 @@ sec_train() {
   timeout $((SECTION_CAP / 4)) "$PY" -m ldm.data.shapes --out "$WORK/data" $DATA_ARGS || echo "FAIL: shapes data"
   SHARE=2
   # shellcheck disable=SC2086
-  train_run vae_bf16 stage=vae trainer.precision=bf16-mixed paths.exports="$WORK/exp_bf16" $VAE_EXTRA
+  train_run vae_bf16_compile stage=vae trainer.precision=bf16-mixed paths.exports="$WORK/exp_bf16" \
+    perf.compile=true perf.compile_backend=$COMPILE_BACKEND $VAE_EXTRA
   # shellcheck disable=SC2086
   train_run vae_fp16 stage=vae trainer.precision=16-mixed paths.exports="$WORK/exp_fp16" $VAE_EXTRA
   wait
   local exp=$WORK/exp_bf16
-  [[ -f $exp/autoencoder/autoencoder.safetensors ]] || exp=$WORK/exp_fp16  # an ldm check even if vae_bf16 failed
+  [[ -f $exp/autoencoder/autoencoder.safetensors ]] || exp=$WORK/exp_fp16  # an ldm check even if the first failed
   SHARE=1
   # shellcheck disable=SC2086
   train_run ldm_bf16 stage=ldm trainer.precision=bf16-mixed paths.exports="$exp" $LDM_EXTRA
   # shellcheck disable=SC2086
   train_run ldm_ddp stage=ldm trainer.precision=bf16-mixed trainer.strategy=ddp paths.exports="$exp" $LDM_EXTRA
+  # shellcheck disable=SC2086
+  train_run ldm_compile stage=ldm trainer.precision=bf16-mixed paths.exports="$exp" perf.compile=true \
+    perf.compile_backend=$COMPILE_BACKEND $LDM_EXTRA
   wait
-  for name in vae_bf16 vae_fp16 ldm_bf16 ldm_ddp; do
+  for name in vae_bf16_compile vae_fp16 ldm_bf16 ldm_ddp ldm_compile; do
     echo "################ $name"
     cat "$WORK/logs/$name.log" 2>/dev/null
   done
@@ -125,7 +130,7 @@ from pathlib import Path
 work, steps, table = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 lines = [f"### CUDA path checks of train.py ({steps} steps each)", "",
          "| check | result | steps | last train loss | wall s | why |", "|---|---|---|---|---|---|"]
-for name in ["vae_bf16", "vae_fp16", "ldm_bf16", "ldm_ddp"]:
+for name in ["vae_bf16_compile", "vae_fp16", "ldm_bf16", "ldm_ddp", "ldm_compile"]:
     rc_file, log_file = work / "logs" / f"{name}.rc", work / "logs" / f"{name}.log"
     rc, wall = rc_file.read_text().split() if rc_file.exists() else ("?", "?")
     log = log_file.read_text(errors="replace") if log_file.exists() else ""

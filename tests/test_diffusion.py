@@ -153,3 +153,20 @@ def test_zero_terminal_snr_needs_v_prediction():
     with pytest.raises(ConfigError, match="v_prediction"):
         check_ldm(cfg, ae)
     check_ldm(ok, ae)
+
+
+def test_ema_decay_reads_the_device_counter_once(monkeypatch):
+    """The warm-up decay comes from a host copy of num_updates (a CUDA read would stall every step), which a
+    loaded state dict replaces."""
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.99)
+    reads = []
+    real_int = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or real_int(t))
+    for _ in range(5):
+        ema.update(ema.model)
+    assert len(reads) == 1 and int(ema.num_updates) == 5
+    assert ema.current_decay() == pytest.approx(6 / 15)
+    state = {k: v.clone() for k, v in ema.state_dict().items()}
+    state["num_updates"].fill_(40)
+    ema.load_state_dict(state)
+    assert ema.current_decay() == pytest.approx(41 / 50)

@@ -43,9 +43,13 @@ def test_vae_then_ldm_then_sample(workdir):
     run_export = vae_runs[0] / "export"  # the same weights for outside tools
     assert (run_export / "diffusers" / "config.json").exists() and (run_export / "vae.safetensors").exists()
 
-    run_script("train.py", "stage=ldm", *common, "trainer.max_steps=4", "trainer.val_check_interval=4",
-               "stage.num_val_prompts=4", "stage.module.num_inference_steps=3", "stage.module.metrics.num_samples=6",
-               cwd=work)
+    # Compiled (aot_eager: the capture without code generation): checkpoints, exports and sampling below must not
+    # notice, as nn.Module.compile keeps the state-dict keys.
+    proc = run_script("train.py", "stage=ldm", *common, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                      "stage.num_val_prompts=4", "stage.module.num_inference_steps=3",
+                      "stage.module.metrics.num_samples=6", "perf.compile=true", "perf.compile_backend=aot_eager",
+                      cwd=work)
+    assert "[ldm] perf: compile unet (aot_eager, default)" in proc.stdout
     finished = list((work / "runs" / "ldm").glob("*/summary.json"))  # the failed start above left a dir too
     assert len(finished) == 1
     ldm_run = finished[0].parent

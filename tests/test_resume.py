@@ -69,7 +69,9 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert sched[0] == sched[1] == n + m
 
 
-def fit_vae(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
+def fit_vae(max_steps: int, root, ckpt_path: str | None = None,
+            perf: dict | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
+    """perf: a config `perf` section applied before training (tests/test_perf.py)."""
     from ldm.autoencoder.module import AutoencoderModule
 
     torch.manual_seed(0)
@@ -80,6 +82,10 @@ def fit_vae(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trai
         loss=dict(perceptual_weight=0.0, disc_start=2, disc_ndf=8, disc_num_layers=1, logvar_init=0.0),
         lr=1e-3, warmup_steps=3, image_log_every=0, metrics={"fid": {"extractor": "small", "num_features": 8}},
         seed=5)
+    if perf:
+        from ldm.train.perf import apply_model_perf
+
+        apply_model_perf(module, perf)
     return _train(module, max_steps, root, ckpt_path), module
 
 

@@ -75,6 +75,13 @@ class AutoencoderModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x, sample_posterior=False)[0]
 
+    def compile_targets(self) -> dict[str, torch.nn.Module]:
+        """What perf.compile compiles: encoder and decoder, not the posterior sampling between them (it takes a
+        torch.Generator, which would split the graph)."""
+        return {"encoder": self.autoencoder.encoder, "decoder": self.autoencoder.decoder}
+
+    compile_retains_graph = True  # the adaptive GAN weight runs the decoder's backward more than once per step
+
     def _grad_scale(self) -> torch.Tensor | float:
         scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
         scale = getattr(scaler, "_scale", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +18,20 @@ class EMA(nn.Module):
         self.warmup = warmup
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # A host copy of num_updates: reading the (CUDA) buffer every step would wait for all queued work.
+        self._host_updates: int | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None  # re-read from the loaded buffer on next use
+
+    def _updates(self) -> int:
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)
+        return self._host_updates
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        n = self._updates()
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -31,6 +43,7 @@ class EMA(nn.Module):
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
         self.num_updates += 1
+        self._host_updates = self._updates() + 1
 
     def train(self, mode: bool = True) -> EMA:
         return super().train(False)

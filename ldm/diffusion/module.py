@@ -55,6 +55,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.schedule = build_schedule(prediction_type, schedule, flow)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
+        self._scale_factor_checked = False
         metrics = dict(metrics or {})
         self.num_metric_samples = int(metrics.pop("num_samples", 0))
         # Frozen scoring networks: rebuilt from the config, never stored in checkpoints (see on_save_checkpoint).
@@ -63,6 +64,11 @@ class LatentDiffusionModule(pl.LightningModule):
         self._metric_prompts: list[str] = []
 
     # ------------------------------------------------------------------ helpers
+    def compile_targets(self) -> dict[str, torch.nn.Module]:
+        """What perf.compile compiles: the trained UNet. The EMA copy samples at validation only, and the frozen
+        autoencoder and text encoder run once per batch, so they stay eager."""
+        return {"unet": self.unet}
+
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
         self.autoencoder.eval()  # frozen parts never switch to training behaviour
@@ -92,6 +98,14 @@ class LatentDiffusionModule(pl.LightningModule):
         one would have drawn."""
         return step_generators(self.hparams.seed, step, self.global_rank, self.device)
 
+    def _ensure_scale_factor(self, batch: dict) -> None:
+        """Estimate scale_factor on the first batch when unset. Checked on the device once per process, not
+        every step: reading a CUDA buffer waits for all queued work."""
+        if not self._scale_factor_checked:
+            if float(self.scale_factor) <= 0:
+                self._estimate_scale_factor(batch)
+            self._scale_factor_checked = True
+
     @torch.no_grad()
     def _estimate_scale_factor(self, batch: dict) -> None:
         z = self.posterior(batch).sample(self.step_generators(-1)[1])
@@ -104,8 +118,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if float(self.scale_factor) <= 0:
-            self._estimate_scale_factor(batch)
+        self._ensure_scale_factor(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         captions = list(batch["caption"])
@@ -190,8 +203,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         captions = list(batch["caption"])
-        if float(self.scale_factor) <= 0:
-            self._estimate_scale_factor(batch)
+        self._ensure_scale_factor(batch)
         post = self.posterior(batch)
         if self.val_metrics is not None:  # the first validation images and their captions: a fixed set per run
             room = self._metric_share(self.global_rank) - len(self._metric_prompts)
@@ -258,6 +270,7 @@ class LatentDiffusionModule(pl.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._scale_factor_checked = False  # the checkpoint's scale_factor replaces whatever was checked
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             if key.startswith("val_metrics."):

@@ -28,6 +28,7 @@ from ldm.train.faults import (
     explain_collective_failure,
 )
 from ldm.train.loggers import make_logger
+from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
 from ldm.train.throughput import ThroughputMonitor
 
@@ -200,8 +201,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         from ldm.weights import use_offline_cache
 
         use_offline_cache(cfg, _task_overrides())
+    perf = OmegaConf.to_container(cfg.get("perf") or {}, resolve=True)
+    check_perf(perf)
     resume = resolve_resume(cfg, run_dir)
     module = build_module(cfg)
+    done = apply_backend_flags(perf) + apply_model_perf(module, perf)
+    if done:
+        print(f"[ldm] perf: {', '.join(done)}")
     ensure_shapes_data(cfg)
     data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
     if data_args.get("latents") and cfg.stage.name == "ldm" and not data_args.get("autoencoder"):

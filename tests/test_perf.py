@@ -1,0 +1,91 @@
+"""Config `perf`: torch.compile trains the same weights as eager in one graph per network, bad values fail at
+start-up naming the key, channels_last keeps checkpoints and exports intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from ldm.train.checks import ConfigError
+from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
+from tests.ldm_factory import tiny_ldm
+from tests.test_resume import _train, fit_vae
+
+# aot_eager: dynamo capture and AOTAutograd's joint forward/backward graph, without inductor's code generation
+# (minutes of C++ compiling on a CPU). Graph breaks and recompiles show up here as they would under inductor.
+COMPILE = {"compile": True, "compile_backend": "aot_eager"}
+
+
+def _ldm():
+    torch.manual_seed(0)
+    return tiny_ldm(scale_factor=None, prediction_type="v_prediction", warmup_steps=3, ema_decay=0.99)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()  # in-place compile: no `_orig_mod.` prefixes in checkpoints or exports
+    for name, tensor in sa.items():
+        torch.testing.assert_close(sb[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_unet_trains_like_eager_in_one_graph(tmp_path):
+    eager = _ldm()
+    _train(eager, 4, tmp_path / "eager", None)
+    compiled = _ldm()
+    assert apply_model_perf(compiled, COMPILE) == ["compile unet (aot_eager, default)"]
+    counters.clear()
+    _train(compiled, 4, tmp_path / "compiled", None)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1  # four steps, one capture: nothing forces a recompile
+    _assert_same_weights(eager, compiled)
+    assert not torch.equal(_ldm().unet.out[2].weight, compiled.unet.out[2].weight)  # it trained
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_autoencoder_trains_like_eager(tmp_path):
+    # The GAN joins at step 2: the adaptive weight differentiates through the compiled decoder twice per step.
+    _, eager = fit_vae(4, tmp_path / "eager")
+    counters.clear()
+    _, compiled = fit_vae(4, tmp_path / "compiled", perf=COMPILE)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2  # encoder and decoder
+    assert compiled.optimizer_steps == eager.optimizer_steps == [4, 2]
+    _assert_same_weights(eager, compiled)
+
+
+@pytest.mark.parametrize("perf, key", [
+    ({"compile_mode": "fast"}, "perf.compile_mode='fast'"),
+    ({"compile": True, "compile_backend": "nope"}, "perf.compile_backend='nope'"),
+    ({"sdpa_backends": ["flash", "fastest"]}, "perf.sdpa_backends="),
+    ({"sdpa_backends": "flash"}, "perf.sdpa_backends="),
+    ({"compiel": True}, "unknown key(s) ['compiel']"),
+])
+def test_bad_perf_values_fail_naming_the_key(perf, key):
+    with pytest.raises(ConfigError, match=None) as err:
+        check_perf(perf)
+    assert key in str(err.value)
+
+
+def test_good_perf_values_pass_and_cpu_flags_untouched():
+    check_perf({"compile": True, "compile_mode": "max-autotune", "sdpa_backends": ["flash", "efficient"],
+                "tf32": True, "channels_last": False})
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only behaviour")
+    before = torch.get_float32_matmul_precision()
+    assert apply_backend_flags({"tf32": True, "sdpa_backends": ["math"]}) == []
+    assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_channels_last_trains_and_exports(tmp_path):
+    module = _ldm()
+    assert apply_model_perf(module, {"channels_last": True}) == ["channels_last"]
+    assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    _train(module, 2, tmp_path / "run", None)
+    assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    from ldm.checkpoints.bundle import write_bundle
+
+    out = write_bundle(module, tmp_path / "export")  # safetensors refuses non-contiguous tensors
+    assert out.is_dir() and any(out.iterdir())
