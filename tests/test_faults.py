@@ -91,6 +91,44 @@ def test_consecutive_nonfinite_losses_stop_with_a_checkpoint(tmp_path, one_threa
     assert torch.equal(state["layer.weight"], module.history[0])  # the weights of the last finite step
 
 
+class FusedToy(Toy):
+    """Toy with fused AdamW, as ldm.train.optim builds it: the skip happens on the device."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
+
+
+def test_fused_optimizer_skips_on_the_device_and_reads_once_per_window(tmp_path, one_thread):
+    torch.manual_seed(0)
+    module, guard = FusedToy(bad={0: [2, 3]}), NonFiniteLossGuard(max_consecutive=3)
+    trainer = _trainer(tmp_path, [guard], 8, enable_checkpointing=False, log_every_n_steps=4)
+    trainer.fit(module)
+    w = module.history
+    assert torch.equal(w[1], w[2]) and torch.equal(w[2], w[3])  # batches 2 and 3 changed nothing
+    assert not torch.equal(w[3], w[4]) and all(torch.isfinite(x).all() for x in w)
+    opt = trainer.optimizers[0]
+    assert [int(s["step"]) for s in opt.state.values()] == [6, 6]  # 8 steps, 2 of them undone by the kernel
+    assert all(torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
+               for s in opt.state.values())
+    assert guard.skipped == 2 and guard.consecutive == 0
+    assert guard.host_reads == 2  # steps 0-3 and 4-7: one read per log_every_n_steps window, not per step
+
+
+def test_fused_optimizer_consecutive_nonfinite_still_stop(tmp_path, one_thread):
+    torch.manual_seed(0)
+    module, guard = FusedToy(bad={0: list(range(1, 100))}), NonFiniteLossGuard(max_consecutive=3)
+    ckpts = tmp_path / "checkpoints"
+    trainer = _trainer(tmp_path, [guard, ModelCheckpoint(dirpath=str(ckpts))], 20, log_every_n_steps=5)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses.*ckpt="):
+        trainer.fit(module)
+    assert trainer.global_step == 4  # read before the fifth update (the end of the first window), stopped there
+    (saved,) = ckpts.glob("nonfinite-step*.ckpt")
+    state = torch.load(saved, map_location="cpu", weights_only=False)
+    assert torch.equal(state["state_dict"]["layer.weight"], module.history[0])  # the last finite step's weights
+    (guard_state,) = [v for k, v in state["callbacks"].items() if "NonFiniteLossGuard" in k]
+    assert guard_state == {"skipped": 3}  # steps 1-3; the fifth never reached its update
+
+
 def _ddp_main(out: str, scenario: str) -> None:
     """Run in a fresh interpreter (see _run_ddp): 2 CPU ranks over gloo, started by spawn."""
     from pytorch_lightning.strategies import DDPStrategy

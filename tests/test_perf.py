@@ -61,6 +61,7 @@ def test_compiled_autoencoder_trains_like_eager(tmp_path):
     ({"sdpa_backends": ["flash", "fastest"]}, "perf.sdpa_backends="),
     ({"sdpa_backends": "flash"}, "perf.sdpa_backends="),
     ({"compiel": True}, "unknown key(s) ['compiel']"),
+    ({"progress_bar_refresh_steps": 0}, "perf.progress_bar_refresh_steps=0"),
 ])
 def test_bad_perf_values_fail_naming_the_key(perf, key):
     with pytest.raises(ConfigError, match=None) as err:

@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from ldm.train.checkpoint_io import AtomicCheckpointIO
 from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
@@ -231,6 +231,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(ThroughputMonitor(cfg.trainer.get("log_every_n_steps") or 50))
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_args.get("enable_progress_bar", True):
+        # The bar reads the logged loss from the device at each refresh: refreshing with the loggers' reads keeps
+        # the step free of extra host synchronisations (what perf.progress_bar_refresh_steps=null does).
+        refresh = perf.get("progress_bar_refresh_steps") or trainer_args.get("log_every_n_steps") or 50
+        callbacks.append(TQDMProgressBar(refresh_rate=int(refresh)))
     if not module.automatic_optimization:
         trainer_args.pop("gradient_clip_val", None)  # Lightning refuses it; the module clips (see build_module)
     timeout_s = faults.get("collective_timeout_s")

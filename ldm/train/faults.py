@@ -9,8 +9,12 @@ that updates while the others do not drifts apart from them.
 How a step is skipped depends on the optimization mode. Manual (stage=vae): the module sees the verdict
 and returns before its optimizer steps. Automatic (stage=ldm): Lightning refuses a training_step that returns
 None under DDP, so the loss goes through backward as usual (the gradient all-reduce stays matched on every
-rank) and the guard drops the gradients just before the optimizer step; AdamW leaves parameters without
-gradients untouched (no moment or weight-decay update). The step still counts in global_step.
+rank) and the update is dropped at the optimizer step. With a fused optimizer (our AdamW whenever the
+parameters share one device) and no GradScaler, the flag goes to the kernel as `found_inf` and the skip
+happens on the device: no host synchronisation per step, the flags are read once per `log_every_n_steps`
+window and the counting and stopping below replay them in order. Otherwise the flag is read before the step
+and the gradients are dropped; AdamW leaves parameters without gradients untouched. Either way a skipped
+step changes no weight, moment or optimizer step count, and still counts in global_step.
 
 A rank that dies (OOM kill, a node failure) leaves the others blocked in their next collective. The
 process group timeout (`faults.collective_timeout_s`, see `build_strategy`) turns that into an error, and
@@ -42,6 +46,8 @@ class NonFiniteLossGuard(pl.Callback):
         self.skipped = 0
         self.consecutive = 0
         self._pending: torch.Tensor | None = None  # automatic optimization: the flag of the current window
+        self._window: list[tuple[int, torch.Tensor]] = []  # device-side skips not yet read: (step, flag)
+        self.host_reads = 0  # device-side path: how often the flags were read (once per window)
 
     def check(self, module: pl.LightningModule, loss: torch.Tensor) -> bool:
         """True when this step must be skipped: the loss is non-finite on any rank.
@@ -58,31 +64,57 @@ class NonFiniteLossGuard(pl.Callback):
             return False
         return self._decide(module, float(bad) > 0)
 
-    def _decide(self, module: pl.LightningModule, bad: bool) -> bool:
+    def _decide(self, module: pl.LightningModule, bad: bool, step: int | None = None, log: bool = True) -> bool:
         trainer = module.trainer
         if not bad:
             self.consecutive = 0
             return False
         self.skipped += 1
         self.consecutive += 1
-        rank_zero_warn(f"non-finite loss at step {trainer.global_step}: step skipped "
+        rank_zero_warn(f"non-finite loss at step {trainer.global_step if step is None else step}: step skipped "
                        f"({self.consecutive} in a row, {self.skipped} in all)")
-        module.log("train/nonfinite_skipped", float(self.skipped), batch_size=1)
+        if log:
+            module.log("train/nonfinite_skipped", float(self.skipped), batch_size=1)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             self._stop(trainer)
         return True
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        """Automatic optimization: a flagged step (or accumulation window) updates nothing. The one host read
-        of the flag happens here, after the backward has been queued."""
+        """Automatic optimization: a flagged step (or accumulation window) updates nothing."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         if self._pending is None:
+            if hasattr(optimizer, "found_inf") and getattr(trainer.precision_plugin, "scaler", None) is None:
+                del optimizer.found_inf  # ours from an earlier step: it must not skip this one
             return
-        bad, self._pending = float(self._pending) > 0, None
-        if self._decide(pl_module, bad):
+        flag, self._pending = (self._pending > 0).float().reshape(()), None
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and \
+                getattr(trainer.precision_plugin, "scaler", None) is None:
+            optimizer.found_inf = flag  # the fused kernel skips the update and undoes its step count
+            self._window.append((trainer.global_step, flag))
+            if len(self._window) >= max(1, int(trainer.log_every_n_steps or 1)):
+                self._flush(pl_module)
+            return
+        if self._decide(pl_module, float(flag) > 0):  # the one host read, after the backward has been queued
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+
+    def _flush(self, module: pl.LightningModule, log: bool = True) -> None:
+        """Read the window's flags in one transfer and count them in order (may stop the run, as above)."""
+        if not self._window:
+            return
+        steps, flags = zip(*self._window, strict=True)
+        self._window = []
+        self.host_reads += 1
+        for step, bad in zip(steps, torch.stack(flags).tolist(), strict=True):
+            self._decide(module, bad > 0, step, log=log)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(pl_module, log=False)  # no logging from on_train_end; the counts are final
 
     def _stop(self, trainer: pl.Trainer) -> None:
         directory = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None
@@ -96,7 +128,9 @@ class NonFiniteLossGuard(pl.Callback):
             f"gradient clipping or bf16-mixed instead of 16-mixed.")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        # Skips of the window not read yet count too; they are counted (not re-counted) when it is read.
+        unread = int(torch.stack([f for _, f in self._window]).sum()) if self._window else 0
+        return {"skipped": self.skipped + unread}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))

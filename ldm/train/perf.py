@@ -23,7 +23,7 @@ _SDPA_SETTERS = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient
 def check_perf(perf: Mapping[str, Any]) -> None:
     """Refuse bad values at start-up, naming the key."""
     known = {"compile", "compile_mode", "compile_backend", "tf32", "cudnn_benchmark", "channels_last",
-             "sdpa_backends"}
+             "sdpa_backends", "progress_bar_refresh_steps"}
     unknown = sorted(set(perf) - known)
     if unknown:
         raise ConfigError(f"perf: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -34,6 +34,10 @@ def check_perf(perf: Mapping[str, Any]) -> None:
     if perf.get("compile") and backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"perf.compile_backend={backend!r}: not a torch.compile backend here; "
                           f"choose one of {torch._dynamo.list_backends(exclude_tags=())}")
+    refresh = perf.get("progress_bar_refresh_steps")
+    if refresh is not None and (not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1):
+        raise ConfigError(f"perf.progress_bar_refresh_steps={refresh!r}: null (trainer.log_every_n_steps) or an "
+                          "integer >= 1")
     backends = perf.get("sdpa_backends")
     if backends is not None:
         if isinstance(backends, str) or not backends or any(b not in SDPA_BACKENDS for b in backends):
