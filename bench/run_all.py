@@ -44,6 +44,8 @@ BENCHMARKS: list[Bench] = [
           "--no-compile", devices=("cpu",)),
     Bench("sampler_speed", "bench/sampler_speed.py",
           "--sizes tiny --repeats {repeats} --threads {threads} --device {device} --dtype {dtype}"),
+    Bench("compile_check", "bench/compile_check.py", "--preset sd21 --backend aot_eager --threads {threads}",
+          devices=("cpu",)),
     Bench("loader_speed", "bench/loader_speed.py", "--num 256 --repeats {repeats}", devices=("cpu",)),
     Bench("latent_speedup", "bench/latent_speedup.py",
           "--autoencoders tiny,kl_f8 --batch 4 --repeats {repeats} --threads {threads}", devices=("cpu",)),
