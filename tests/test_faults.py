@@ -137,6 +137,8 @@ def _ddp_main(out: str, scenario: str) -> None:
     torch.manual_seed(0)
     if scenario == "one_rank_nan":
         module, max_steps = Toy(bad={1: [2]}, out=out), 5
+    elif scenario == "one_rank_nan_fused":  # the device-side skip (fused AdamW's found_inf)
+        module, max_steps = FusedToy(bad={1: [2]}, out=out), 5
     else:  # "stall": rank 1 stops answering at batch 2
         module, max_steps = Toy(bad={}, stall={1: 2}, out=out), 5
     strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=5))
@@ -157,9 +159,10 @@ def _run_ddp(tmp_path, scenario: str, timeout: float) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-def test_ddp_skip_is_collective(tmp_path):
+@pytest.mark.parametrize("scenario", ["one_rank_nan", "one_rank_nan_fused"])
+def test_ddp_skip_is_collective(tmp_path, scenario):
     """Only rank 1 sees a NaN; both ranks skip that step (no hang) and keep identical weights."""
-    proc = _run_ddp(tmp_path, "one_rank_nan", timeout=240)
+    proc = _run_ddp(tmp_path, scenario, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
