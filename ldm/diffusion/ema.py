@@ -42,8 +42,8 @@ class EMA(nn.Module):
         torch._foreach_lerp_(ema_params, params, 1.0 - d)  # one fused pass instead of a Python loop
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
+        self._host_updates = self._updates() + 1  # read before the increment below
         self.num_updates += 1
-        self._host_updates = self._updates() + 1
 
     def train(self, mode: bool = True) -> EMA:
         return super().train(False)
