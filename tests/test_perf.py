@@ -90,3 +90,28 @@ def test_channels_last_trains_and_exports(tmp_path):
 
     out = write_bundle(module, tmp_path / "export")  # safetensors refuses non-contiguous tensors
     assert out.is_dir() and any(out.iterdir())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compile_with_gradient_checkpointing_is_one_graph_with_eager_gradients():
+    import torch.nn.functional as F
+
+    from ldm.diffusion.unet import unet_preset
+
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=4, out_channels=4, context_dim=32, model_channels=16, channel_mult=[1, 2],
+                  attention_resolutions=[2], num_head_channels=16)
+    compiled = unet_preset("tiny", use_checkpoint=True, **kwargs).train()
+    with torch.no_grad():
+        for p in compiled.parameters():  # no zero-initialised output layer: every gradient is non-trivial
+            p.normal_(0, 0.05)
+    eager = unet_preset("tiny", use_checkpoint=False, **kwargs).train()
+    eager.load_state_dict(compiled.state_dict())
+    compiled.compile(backend="aot_eager")
+    x, t, c = torch.randn(2, 4, 16, 16), torch.randint(0, 1000, (2,)), torch.randn(2, 8, 32)
+    counters.clear()
+    for model in (compiled, eager):
+        F.mse_loss(model(x, t, c), torch.zeros_like(x)).backward()
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
