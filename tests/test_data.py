@@ -134,10 +134,22 @@ def test_missing_shard_names_the_file(shards: Path, tmp_path: Path) -> None:
 def test_bad_values_fail_early(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resolution"):
         ShardDataModule(train_shards=str(shards / "train"), val_shards=None, resolution=0)
+    with pytest.raises(ValueError, match="data.prefetch_factor must be null or an integer >= 1, got 0"):
+        ShardDataModule(train_shards=str(shards / "train"), val_shards=None, prefetch_factor=0)
     # no sample counts next to the shards: epoch_length must be given
     shutil.copytree(shards / "train", tmp_path / "bare")
     with pytest.raises(ValueError, match="epoch_length"):
         _module(shards, train_shards=str(tmp_path / "bare"))
+
+
+def test_loader_workers_prefetch_and_persist(shards: Path) -> None:
+    dm = _module(shards, num_workers=2, prefetch_factor=3, epoch_length=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (2, 3, True)
+    dm = _module(shards, num_workers=0, prefetch_factor=3, epoch_length=2)  # no workers: nothing to prefetch
+    dm.setup("fit")
+    assert dm.train_dataloader().prefetch_factor is None
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -60,6 +60,7 @@ class ShardDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 2,
+        prefetch_factor: int | None = None,
         shuffle_buffer: int = 1000,
         epoch_length: int | None = None,
         epoch_samples: int | None = None,
@@ -83,6 +84,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
         self.shuffle_buffer = shuffle_buffer
         self.epoch_length = epoch_length
         self.epoch_samples = epoch_samples
@@ -122,6 +124,8 @@ class ShardDataModule(pl.LightningDataModule):
             )
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers!r}")
+        if self.prefetch_factor is not None and (not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1):
+            raise ValueError(f"data.prefetch_factor must be null or an integer >= 1, got {self.prefetch_factor!r}")
         if not self.caption_key:
             raise ValueError("data.caption_key must name a tar member extension, e.g. 'txt'")
         if self.mode not in MODES:
@@ -212,11 +216,14 @@ class ShardDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: Any) -> DataLoader:
+        workers = self.num_workers > 0
         return DataLoader(
             dataset,
             batch_size=None,  # the streams batch themselves
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers,
+            # batches each worker keeps ready; torch refuses the argument without workers
+            prefetch_factor=(self.prefetch_factor or 2) if workers else None,
             pin_memory=torch.cuda.is_available(),
         )
 
