@@ -45,14 +45,23 @@ def fit(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer,
     return _train(module, max_steps, root, ckpt_path), module
 
 
+def stop_resume_and_straight(fit_fn, tmp_path, n: int, m: int) -> tuple:
+    """n steps then a checkpoint, a resumed run to n + m, and an uninterrupted one to n + m.
+
+    Returns (first module, resumed trainer, resumed module, straight trainer, straight module)."""
+    trainer, first = fit_fn(n, tmp_path / "a")
+    ckpt = tmp_path / "stop.ckpt"
+    trainer.save_checkpoint(ckpt)
+    torch.randn(1000)  # the global RNG is elsewhere after a restart; no draw may depend on it
+    resumed_trainer, resumed = fit_fn(n + m, tmp_path / "b", ckpt_path=str(ckpt))
+    straight_trainer, straight = fit_fn(n + m, tmp_path / "c")
+    return first, resumed_trainer, resumed, straight_trainer, straight
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_resume_matches_uninterrupted(tmp_path):
     n, m = 3, 2
-    trainer, first = fit(n, tmp_path / "a")
-    ckpt = tmp_path / "stop.ckpt"
-    trainer.save_checkpoint(ckpt)
-    resumed_trainer, resumed = fit(n + m, tmp_path / "b", ckpt_path=str(ckpt))
-    straight_trainer, straight = fit(n + m, tmp_path / "c")
+    first, resumed_trainer, resumed, straight_trainer, straight = stop_resume_and_straight(fit, tmp_path, n, m)
 
     assert resumed_trainer.global_step == straight_trainer.global_step == n + m
     assert float(resumed.scale_factor) == float(straight.scale_factor) > 0
@@ -92,12 +101,7 @@ def fit_vae(max_steps: int, root, ckpt_path: str | None = None,
 @pytest.mark.usefixtures("one_thread")
 def test_autoencoder_resume_matches_uninterrupted(tmp_path):
     n, m = 3, 2
-    trainer, first = fit_vae(n, tmp_path / "a")
-    ckpt = tmp_path / "stop.ckpt"
-    trainer.save_checkpoint(ckpt)
-    torch.randn(1000)  # the global RNG is elsewhere after a restart; the posterior sample must not depend on it
-    resumed_trainer, resumed = fit_vae(n + m, tmp_path / "b", ckpt_path=str(ckpt))
-    straight_trainer, straight = fit_vae(n + m, tmp_path / "c")
+    first, resumed_trainer, resumed, straight_trainer, straight = stop_resume_and_straight(fit_vae, tmp_path, n, m)
 
     assert resumed_trainer.global_step == straight_trainer.global_step == n + m
     assert resumed.optimizer_steps == straight.optimizer_steps == [n + m, n + m - 2]

@@ -83,13 +83,13 @@ class NonFiniteLossGuard(pl.Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         """Automatic optimization: a flagged step (or accumulation window) updates nothing."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        no_scaler = getattr(trainer.precision_plugin, "scaler", None) is None  # a GradScaler sets found_inf itself
         if self._pending is None:
-            if hasattr(optimizer, "found_inf") and getattr(trainer.precision_plugin, "scaler", None) is None:
+            if hasattr(optimizer, "found_inf") and no_scaler:
                 del optimizer.found_inf  # ours from an earlier step: it must not skip this one
             return
         flag, self._pending = (self._pending > 0).float().reshape(()), None
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and \
-                getattr(trainer.precision_plugin, "scaler", None) is None:
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and no_scaler:
             optimizer.found_inf = flag  # the fused kernel skips the update and undoes its step count
             self._window.append((trainer.global_step, flag))
             if len(self._window) >= max(1, int(trainer.log_every_n_steps or 1)):
