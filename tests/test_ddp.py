@@ -8,7 +8,7 @@ import json
 import pytest
 
 from .conftest import run_script
-from .test_end_to_end import TINY
+from .test_end_to_end import USER_DATA
 
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2",
        "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
@@ -17,7 +17,7 @@ DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "
 @pytest.mark.parametrize("multirun", [False, True])
 def test_ddp_ranks_share_the_run_dir(tmp_path, tiny_shapes, multirun):
     data = [f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val"]
-    args = ["stage=vae", *TINY, *data, *DDP, "paths.runs=runs", "paths.exports=exports",
+    args = ["stage=vae", *USER_DATA, *data, *DDP, "paths.runs=runs", "paths.exports=exports",
             "stage.module.loss.disc_start=0", "stage.module.loss.disc_num_layers=1"]
     if multirun:
         args = ["-m", *args, "seed=3"]

@@ -12,6 +12,9 @@ TINY = [
     "model.unet.model_channels=32", "model.unet.num_head_channels=16", "model.text_encoder.width=32",
     "checkpoint.every_n_train_steps=2",
 ]
+# TINY with the loader as users run it: worker processes (forked, persistent). Fault, resume and distributed
+# tests use this: workers inherit signal handlers and state, which num_workers=0 would hide.
+USER_DATA = [a for a in TINY if not a.startswith("data.num_workers=")] + ["data.num_workers=2"]
 
 
 @pytest.fixture(scope="module")

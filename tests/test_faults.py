@@ -60,7 +60,9 @@ class Toy(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), batch_size=2)
+        # Loader workers as users run them: forked processes that inherit the trainer's state and handlers.
+        return DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), batch_size=2,
+                          num_workers=2, persistent_workers=True)
 
 
 def _trainer(tmp_path, callbacks: list[pl.Callback], max_steps: int, **kwargs) -> pl.Trainer:

@@ -45,7 +45,7 @@ def node_main(shards: str, out: str) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    data = ShardDataModule(train_shards=shards, val_shards=None, resolution=16, batch_size=BATCH, num_workers=0,
+    data = ShardDataModule(train_shards=shards, val_shards=None, resolution=16, batch_size=BATCH, num_workers=2,
                            mode="resampled", epoch_length=STEPS, shuffle_buffer=8)
     trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", max_steps=STEPS, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -79,7 +79,9 @@ def test_two_nodes_read_disjoint_shards(tmp_path):
     assert all(len(r["keys"]) == STEPS * BATCH for r in records)  # equal batches per rank
     assert shards_read[0].isdisjoint(shards_read[1]), shards_read
     assert shards_read[0] | shards_read[1] == set(range(SHARDS)), shards_read
-    assert shards_read == [{0, 2}, {1, 3}]  # shards dealt round-robin by global rank
+    # Shards dealt round-robin over every loader worker of every rank (rank * num_workers + worker): with two
+    # workers per rank, shards 0 and 1 go to rank 0's workers and 2 and 3 to rank 1's.
+    assert shards_read == [{0, 1}, {2, 3}]
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def _train(module: pl.LightningModule, max_steps: int, root, ckpt_path: str | No
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, deterministic=True, default_root_dir=root)
-    trainer.fit(module, DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=0), ckpt_path=ckpt_path)
+    trainer.fit(module, DataLoader(Images(), batch_size=BATCH, shuffle=False, num_workers=2,
+                                       persistent_workers=True), ckpt_path=ckpt_path)
     return trainer
 
 

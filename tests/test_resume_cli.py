@@ -16,7 +16,7 @@ from ldm.train.checkpoint_io import AtomicCheckpointIO
 from ldm.train.run_dir import find_run_checkpoint
 
 from .conftest import ROOT, run_script
-from .test_end_to_end import TINY
+from .test_end_to_end import USER_DATA
 
 
 class _FailsWhilePickled:
@@ -64,7 +64,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
 def test_kill9_during_training_then_resume(tmp_path, tiny_shapes):
     """kill -9 after the first checkpoint; ckpt=last continues from it and ends where an uninterrupted run ends."""
     steps = 10
-    args = [*TINY, f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val", "paths.runs=runs",
+    args = [*USER_DATA, f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val", "paths.runs=runs",
             "paths.exports=exports", "stage=vae", f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
             "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT
-from .test_end_to_end import TINY
+from .test_end_to_end import USER_DATA
+from .test_requeue import steps_by_write_time
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 QUICK = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"]
@@ -89,7 +90,7 @@ def sbatch(env: dict, out: Path, *args: str, wait: bool = False) -> tuple[str, i
 
 
 def common(tiny_shapes, tmp_path) -> list[str]:
-    return [*TINY, *QUICK, f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val",
+    return [*USER_DATA, *QUICK, f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val",
             f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports"]
 
 
@@ -98,16 +99,16 @@ def log_of(out: Path, job: str, tail: int = 6000) -> str:
     return path.read_text()[-tail:] if path.exists() else "(no log)"
 
 
-def saved_step(run: Path) -> int:
-    """The step of the checkpoint Lightning's SIGUSR1 handler wrote (hpc_ckpt_N.ckpt in the run dir).
-
-    The resumed run may start later than this: ModelCheckpoint can finish a newer last.ckpt after the signal.
-    """
-    import torch
-
-    saved = list(run.glob("hpc_ckpt_*.ckpt"))
-    assert saved, f"Lightning's USR1 handler saved no checkpoint in {run}"
-    return int(torch.load(saved[0], map_location="cpu", weights_only=False)["global_step"])
+def check_requeue_saves(run: Path) -> int:
+    """While the job waits requeued (nothing runs): one hpc checkpoint, saved by the trainer, and no file that
+    goes back in steps (a loader worker's stale copy of the trainer would save global step 0). Returns the
+    furthest saved step, where the requeued job must start."""
+    written = steps_by_write_time(run)
+    hpc = [s for s, name in written if name.startswith("hpc_ckpt_")]
+    assert len(hpc) == 1 and hpc[0] >= 4, written
+    steps = [s for s, _ in written]
+    assert steps == sorted(steps), f"a checkpoint went back in steps: {written}"
+    return max(steps)
 
 
 def test_sbatch_two_tasks_trains_vae_then_ldm(cluster, tiny_shapes, tmp_path):
@@ -141,6 +142,7 @@ def test_usr1_saves_requeues_and_resumes(cluster, tiny_shapes, tmp_path):
     wait_for("the requeue", lambda: job_info(cluster, job).get("Restarts") == "1" and
              job_info(cluster, job).get("JobState") == "PENDING", 120)
     requeued = time.time()
+    furthest = check_requeue_saves(run)
     # SLURM holds a requeued job for about two minutes; release it now.
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
     wait_for("the job to finish", lambda: job_info(cluster, job).get("JobState") in
@@ -149,10 +151,10 @@ def test_usr1_saves_requeues_and_resumes(cluster, tiny_shapes, tmp_path):
     assert job_info(cluster, job)["JobState"] == "COMPLETED", log_of(tmp_path, job)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == steps
-    assert 4 <= saved_step(run) <= summary["start_step"] < steps  # continued from the saved step, not from 0
+    assert summary["start_step"] == furthest < steps  # continued from the furthest save, not from 0
     assert "restart 1" in log_of(tmp_path, job, tail=10**7)
     print(f"USR1 -> requeued (pending) {requeued - signalled:.1f} s; released -> finished {finished - requeued:.1f} s;"
-          f" resumed at step {summary['start_step']} of {steps}")
+          f" saved {steps_by_write_time(run)}; resumed at step {summary['start_step']} of {steps}")
 
 
 def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
@@ -173,6 +175,7 @@ def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
         job = f"{array}_0"
         subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
         wait_for("the requeue", lambda: job_info(cluster, job).get("JobState") == "PENDING", 120)
+        furthest = check_requeue_saves(point)
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
         output, _ = sweep.communicate(timeout=400)
     finally:
@@ -182,7 +185,7 @@ def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
     first = json.loads((point / "summary.json").read_text())
     second = json.loads((sweep_dir / "1" / "summary.json").read_text())
     assert first["global_step"] == second["global_step"] == steps
-    assert 4 <= saved_step(point) <= first["start_step"] < steps  # USR1 -> Lightning saved, requeued, resumed
+    assert first["start_step"] == furthest < steps  # USR1 -> the trainer saved, requeued, resumed there
     assert second["start_step"] == 0
 
 

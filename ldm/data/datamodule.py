@@ -24,6 +24,7 @@ from ldm.data.pipeline import (
     expand_sources,
     shard_counts,
 )
+from ldm.train.signals import ignore_job_signals
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,8 @@ class ShardDataModule(pl.LightningDataModule):
             # batches each worker keeps ready; torch refuses the argument without workers
             prefetch_factor=(self.prefetch_factor or 2) if workers else None,
             pin_memory=torch.cuda.is_available(),
+            # SLURM signals every process of a job step: workers must leave USR1/SIGTERM to the trainer
+            worker_init_fn=ignore_job_signals if workers else None,
         )
 
     def _add_stats_callback(self) -> None:

@@ -19,6 +19,15 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 TMP_SUFFIX = ".partial"
 
 
+def partial_name(name: str) -> str:
+    """The temporary file's name: hidden, ends in .partial, and without "ckpt_".
+
+    Lightning numbers the next `hpc_ckpt_N.ckpt` (and finds the one to resume) from the digits after "ckpt_"
+    in every file name of the run dir; a temporary named after its target would count as version N<pid>.
+    """
+    return f".{name.replace('ckpt_', 'ckpt-')}.{os.getpid()}{TMP_SUFFIX}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO with write-to-temporary-then-rename for local paths (remote URLs: Lightning's way)."""
 
@@ -30,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path)
         target = Path(str(path).removeprefix("file://"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
+        tmp = target.with_name(partial_name(target.name))
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

@@ -30,6 +30,7 @@ from ldm.train.faults import (
 from ldm.train.loggers import make_logger
 from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
+from ldm.train.signals import own_signal_handlers
 from ldm.train.throughput import ThroughputMonitor
 
 # Frozen parts (autoencoder, text encoder, EMA copy) are in eval mode on purpose.
@@ -246,6 +247,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                               num_nodes=trainer_args.get("num_nodes", 1))
     trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                          logger=logger if logger is not None else False, callbacks=callbacks)
+    own_signal_handlers(trainer)  # USR1/SIGTERM reach loader workers too (SLURM signals the whole step)
     pin_run_dir_for_children(run_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

@@ -1,0 +1,71 @@
+"""Requeue and termination signals act only in the process that owns the trainer.
+
+SLURM delivers `--signal=USR1@90`, `scancel -s USR1` and the SIGTERM of a requeue or time limit to every
+process of the job step, DataLoader workers included. The workers are forked from the trainer process, so
+they inherit Lightning's Python-level handlers together with a copy of the trainer frozen at fork time. A
+worker that runs the USR1 handler saves that stale copy (global step 0 for persistent workers) as the next
+`hpc_ckpt_N.ckpt`, and a requeued job can resume from it; the SIGTERM handler would kill the launcher's
+ranks and broadcast on the trainer's process group from the wrong process.
+
+`OwnedSignalConnector` registers Lightning's handlers as usual and then wraps each one so that it runs
+only in the process that registered it. Every process forked later (loader workers, compile workers)
+ignores the signal; its parent shuts it down. Wrapping at registration, before any worker exists, leaves
+no window between a fork and a worker's own set-up in which the inherited handler could still act.
+
+PyTorch's loader workers also install a C-level SIGTERM handler that ends the worker unless the parent
+sent the signal. SLURM's SIGTERM then kills every worker at once, and the trainer process fails with
+"DataLoader worker ... is killed by signal: Terminated" instead of stopping cleanly at the next step
+(Lightning's SIGTERM path). `ignore_job_signals`, the loaders' worker_init_fn, takes both signals away
+from the workers for good: they end when their parent shuts them down or dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.trainer.connectors.signal_connector import _SignalConnector
+
+
+class OwnerOnlyHandler:
+    """A signal handler that does nothing outside the process that installed it."""
+
+    def __init__(self, handler: Any, owner_pid: int) -> None:
+        self.handler = handler
+        self.owner_pid = owner_pid
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.owner_pid:
+            return  # a forked copy (a loader worker): the trainer's process acts for it
+        self.handler(signum, frame)
+
+
+class OwnedSignalConnector(_SignalConnector):
+    """Lightning's signal connector, with the requeue and SIGTERM handlers tied to the trainer's process."""
+
+    def register_signal_handlers(self) -> None:
+        super().register_signal_handlers()
+        environment = self.trainer._accelerator_connector.cluster_environment
+        signums = {signal.SIGTERM}
+        if isinstance(environment, SLURMEnvironment) and environment.requeue_signal is not None:
+            signums.add(environment.requeue_signal)
+        owner = os.getpid()
+        for signum in signums:
+            handler = signal.getsignal(signum)
+            if callable(handler) and not isinstance(handler, OwnerOnlyHandler):
+                self._register_signal(signum, OwnerOnlyHandler(handler, owner))
+
+
+def ignore_job_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a loader worker takes no job signals (USR1, SIGTERM); its parent stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def own_signal_handlers(trainer: pl.Trainer) -> None:
+    """Give `trainer` the owner-only connector (before fit: Lightning registers the handlers in fit)."""
+    trainer._signal_connector = OwnedSignalConnector(trainer)

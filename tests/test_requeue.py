@@ -1,0 +1,137 @@
+"""SLURM's requeue signal with loader workers on, without a cluster: the job step's environment and a fake
+`scontrol` on PATH, and the signal sent to the whole process group, as SLURM sends it to every process of
+the step (the forked DataLoader workers too).
+
+Deterministic where tests/test_slurm.py can only be lucky: every process that acts on USR1 calls `scontrol
+requeue` and saves a checkpoint, so one call and one hpc_ckpt file mean the workers stayed out of it, on every
+run, whatever order the processes happened to run in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.train.checkpoint_io import AtomicCheckpointIO, partial_name
+from ldm.train.run_dir import checkpoint_step, find_latest_checkpoint, find_run_checkpoint
+
+from .conftest import ROOT
+from .test_end_to_end import USER_DATA
+
+STEPS = 30
+
+
+def fake_slurm_env(tmp_path: Path, restarts: int = 0) -> dict[str, str]:
+    """One task of a one-node job step, as srun sets it, with `scontrol` recording its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/scontrol.calls\n')
+    scontrol.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ldm", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_RESTART_COUNT": str(restarts),
+                "PATH": f"{bin_dir}:{os.environ['PATH']}", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def steps_by_write_time(run: Path) -> list[tuple[int, str]]:
+    """(global step, name) of every checkpoint in the run dir, oldest write first."""
+    files = sorted([*run.glob("checkpoints/*.ckpt"), *run.glob("hpc_ckpt_*.ckpt")], key=lambda p: p.stat().st_mtime_ns)
+    return [(checkpoint_step(p), p.name) for p in files]
+
+
+def wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"train.py ended ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# One run is a proof (see the module docstring); LDM_REPEAT=N repeats it, e.g. to compare with an older checkout.
+@pytest.mark.parametrize("attempt", range(int(os.environ.get("LDM_REPEAT", "1"))))
+def test_usr1_to_every_process_saves_once_and_resumes_there(tmp_path, tiny_shapes, attempt):
+    run = tmp_path / "run"
+    args = [str(ROOT / "train.py"), "stage=vae", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
+            f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
+            f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+            "checkpoint.every_n_train_steps=4", "ckpt=auto", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=fake_slurm_env(tmp_path),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, proc)
+        os.killpg(proc.pid, signal.SIGUSR1)  # main process and both loader workers, like SLURM
+        wait_for("the requeue", lambda: (tmp_path / "scontrol.calls").exists(), 60, proc)
+        time.sleep(1.0)  # room for any late second save or call
+        os.killpg(proc.pid, signal.SIGTERM)  # what the requeue sends next, again to every process
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # SIGTERM stops the trainer at its next step (Lightning's path); no worker died of it under the trainer.
+    assert "killed by signal" not in output and proc.returncode == 0, (proc.returncode, output[-3000:])
+    calls = (tmp_path / "scontrol.calls").read_text().splitlines()
+    assert calls == ["requeue 4242"], output[-3000:]  # the trainer process alone asked for the requeue
+    (hpc,) = run.glob("hpc_ckpt_*.ckpt")  # ... and alone saved
+    saved = checkpoint_step(hpc)
+    written = steps_by_write_time(run)
+    assert saved >= 4, written
+    steps = [s for s, _ in written]
+    assert steps == sorted(steps), f"a checkpoint went back in steps: {written}"
+    assert not list(run.glob("*.partial")) and not list(run.glob("checkpoints/*.partial"))
+
+    furthest = max(steps)
+    restarted = subprocess.run([sys.executable, *args], cwd=tmp_path, env=fake_slurm_env(tmp_path, restarts=1),
+                               capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["start_step"] == furthest >= saved  # continued from the furthest save, not from 0
+    assert summary["global_step"] == STEPS
+    print(f"attempt {attempt}: signalled after step 4, hpc checkpoint at step {saved}, "
+          f"resumed at {summary['start_step']}")
+
+
+def _save(path: Path, step: int) -> None:
+    AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {"w": torch.zeros(2)}}, path)
+
+
+def test_resume_picks_the_furthest_step_not_the_newest_file(tmp_path, capsys):
+    run = tmp_path / "runs" / "vae" / "a"
+    _save(run / "checkpoints" / "step0000008.ckpt", 8)
+    _save(run / "hpc_ckpt_1.ckpt", 9)
+    time.sleep(0.01)
+    _save(run / "hpc_ckpt_2.ckpt", 0)  # written last, but a stale state
+    (run / "checkpoints" / "nonfinite-step0000010.ckpt").write_bytes(b"")  # a stopped run is never resumed
+    assert find_run_checkpoint(run) == run / "hpc_ckpt_1.ckpt"
+    assert "holds step 0, behind hpc_ckpt_1.ckpt (step 9)" in capsys.readouterr().out
+    # Equal steps: the newer file wins (last.ckpt is rewritten after the step file of the same step).
+    time.sleep(0.01)
+    _save(run / "checkpoints" / "last.ckpt", 9)
+    assert find_run_checkpoint(run) == run / "checkpoints" / "last.ckpt"
+    # ckpt=last: the run that saved most recently, then its furthest checkpoint.
+    other = tmp_path / "runs" / "vae" / "b"
+    _save(other / "checkpoints" / "last.ckpt", 100)
+    time.sleep(0.01)
+    _save(run / "checkpoints" / "step0000002.ckpt", 2)
+    assert find_latest_checkpoint(tmp_path / "runs", "vae") == run / "checkpoints" / "last.ckpt"
+
+
+def test_partial_files_do_not_look_like_lightning_versions(tmp_path):
+    """Lightning numbers hpc_ckpt_N from the digits after "ckpt_" in every file name of the run dir."""
+    name = partial_name("hpc_ckpt_1.ckpt")
+    assert "ckpt_" not in name and name.endswith(".partial") and name.startswith(".")
