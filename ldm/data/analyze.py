@@ -21,13 +21,16 @@ caption's words.
                 "other"), and "other" too if a sizeable part of the object is a third
                 colour (not a blend of background and shape colour)
     shape:      "other" for no object, a second object at least SECOND_OBJECT_FRAC of the
-                first, a box far from square (MIN_ASPECT), or a concave mask (pixels
-                inside its convex hull but not in it: notches, cups, crescents, two
-                merged blobs; MIN_SOLIDITY); else the ideal circle, square or upright
-                triangle fitted to the bounding box with the best intersection-over-union,
-                if that IoU reaches the shape's own threshold (MIN_IOU: a diamond or an
-                octagon is no circle); a triangle must also be much narrower at the top
-                than at the bottom (TRIANGLE_RATIO)
+                first, a box under MIN_SIDE px or far from square (MIN_ASPECT: a 2:1
+                ellipse), or a concave mask, judged against the convex hull of its pixel
+                centres (single-pixel noise holes filled): unfilled hull pixels cost
+                solidity (MIN_SOLIDITY: cups, crescents) and the deepest one must stay
+                within MAX_NOTCH of the side (a notch in a square). Otherwise the ideal
+                circle, square or upright triangle fitted to the bounding box with the
+                best intersection-over-union, if that IoU reaches the shape's own MIN_IOU
+                (a diamond or two merged circles are no circle); a mask much narrower at
+                the top than at the bottom (TRIANGLE_RATIO) can only be a triangle, any
+                other only a circle or square
 
 `confusion` tallies what was asked against what was read, per attribute, so a
 report can say which attributes and colours still fail.
