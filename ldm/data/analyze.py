@@ -153,11 +153,13 @@ def _labels(mask: np.ndarray) -> np.ndarray:
     its 3x3 neighbourhood, then the label of that label (pointer jumping, so few
     rounds), until every blob carries its own minimum index.
     """
+    if not mask.any():
+        return np.full(mask.shape, -1)
     height, width = mask.shape
     big = mask.size
     labels = np.where(mask, np.arange(big).reshape(mask.shape), big)
     padded = np.full((height + 2, width + 2), big)
-    while mask.any():
+    while True:
         padded[1:-1, 1:-1] = labels
         rows = np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])
         smallest = np.minimum(np.minimum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
@@ -181,11 +183,9 @@ def _objects(mask: np.ndarray) -> list[np.ndarray]:
     for value in values[np.argsort(-counts, kind="stable")]:
         blob = labels == value
         ys, xs = np.nonzero(blob)
-        if (ys.max() - ys.min() + 1) > BACKGROUND_SPAN * mask.shape[0] or (
-            xs.max() - xs.min() + 1
-        ) > BACKGROUND_SPAN * mask.shape[1]:
-            continue
-        out.append(blob)
+        span = np.array([ys.max() - ys.min() + 1, xs.max() - xs.min() + 1])
+        if (span <= BACKGROUND_SPAN * np.array(mask.shape)).all():
+            out.append(blob)
     return out
 
 
@@ -219,6 +219,7 @@ def _templates(height: int, width: int) -> dict[str, np.ndarray]:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two equal-shaped masks."""
     return float(np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1))
 
 
