@@ -122,6 +122,18 @@ def graded_background(res: int) -> Image.Image:
     return image
 
 
+def tilted_square(res: int, degrees: float, side: float = 0.42) -> Image.Image:
+    """A square of `side` x the image side, turned by `degrees` about the image centre."""
+    image, draw = _canvas(res, "blue")
+    half_diagonal, centre = side * res / np.sqrt(2), res / 2
+    corners = [np.radians(degrees + 45 + 90 * k) for k in range(4)]
+    draw.polygon(
+        [(centre + half_diagonal * np.cos(a), centre + half_diagonal * np.sin(a)) for a in corners],
+        fill=PALETTE["red"],
+    )
+    return image
+
+
 def _mix(a: str, b: str, frac: float) -> tuple[int, ...]:
     """The colour `frac` of the way from palette colour a to b."""
     return tuple(round((1 - frac) * p + frac * q) for p, q in zip(PALETTE[a], PALETTE[b], strict=True))
@@ -204,6 +216,22 @@ def test_failures_keep_what_is_right() -> None:
         "shape": "circle",
     }
     assert analyze_image(two_colour_square(32))["shape"] == "square"
+
+
+def test_tilted_squares() -> None:
+    """A square turned by up to 10 degrees is still a square; turned any amount it is never a circle."""
+    for res in (32, 64):
+        for degrees in (3, 5, 10):
+            assert analyze_image(tilted_square(res, degrees))["shape"] == "square", (res, degrees)
+        for degrees in range(0, 50, 5):
+            for side in (0.3, 0.42):
+                assert analyze_image(tilted_square(res, degrees, side))["shape"] != "circle", (
+                    res,
+                    degrees,
+                    side,
+                )
+        for side in (0.3, 0.42):  # at 45 degrees: a diamond
+            assert analyze_image(tilted_square(res, 45, side))["shape"] == OTHER
 
 
 def test_confusion_on_the_failures(capsys: pytest.CaptureFixture[str]) -> None:

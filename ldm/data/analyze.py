@@ -28,9 +28,11 @@ caption's words.
                 within MAX_NOTCH of the side (a notch in a square). Otherwise the ideal
                 circle, square or upright triangle fitted to the bounding box with the
                 best intersection-over-union, if that IoU reaches the shape's own MIN_IOU
-                (a diamond or two merged circles are no circle); a mask much narrower at
-                the top than at the bottom (TRIANGLE_RATIO) can only be a triangle, any
-                other only a circle or square
+                (a diamond or two merged circles are no circle); a square may also fit
+                a rectangle tilted up to MAX_TILT_DEG, a circle's outline must keep a
+                near-constant distance from its centre (MAX_RADIAL_CV: no tilted squares
+                or rounded diamonds); a mask much narrower at the top than at the bottom
+                (TRIANGLE_RATIO) can only be a triangle, any other only a circle or square
 
 `confusion` tallies what was asked against what was read, per attribute, so a
 report can say which attributes and colours still fail.
@@ -112,10 +114,16 @@ MIN_IOU = {"circle": 0.82, "square": 0.85, "triangle": 0.75}
 # diamonds that small, but 7-px diamonds still score 0.68.
 COARSE_SIDE = 8
 MIN_IOU_COARSE_CIRCLE = 0.75
+# A circle's outline-to-centroid distance varies by at most this fraction plus pixelation (px):
+# true circles stay below, squares (tilted too) and diamonds (std ~0.11 of the mean) above.
+MAX_RADIAL_CV = 0.06
+RADIAL_PIXEL_SLACK = 0.25
 # A mask much narrower at the top than at the bottom is a triangle even when blur has eaten its apex;
 # circles and squares stay near 1 under blur and noise.
 TRIANGLE_RATIO = 0.6
 APEX_SLACK = 0.25
+# A square may be rotated this much (degrees) and still be a square; a diamond is rotated 45.
+MAX_TILT_DEG = 15.0
 # Smaller masks (bounding-box side in pixels) are too coarse to tell shapes apart.
 MIN_SIDE = 4
 
@@ -234,6 +242,7 @@ def shape_scores(mask: np.ndarray) -> dict[str, float]:
     crop = _crop(mask)
     height, width = crop.shape
     scores = {name: _iou(crop, template) for name, template in _templates(height, width).items()}
+    scores["square"] = max(scores["square"], tilted_square_iou(mask))
     for extra in range(1, int(APEX_SLACK * height) + 1):
         taller = _templates(height + extra, width)["triangle"][extra:]
         scores["triangle"] = max(scores["triangle"], _iou(crop, taller))
@@ -261,6 +270,45 @@ def _convex_hull(points: np.ndarray) -> np.ndarray:
     return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
 
 
+def _hull_of(crop: np.ndarray) -> np.ndarray:
+    """Convex hull (x, y) of a cropped mask's pixel centres; each row's two ends suffice."""
+    rows = np.nonzero(crop.any(axis=1))[0]
+    left = np.array([np.argmax(crop[r]) for r in rows])
+    right = np.array([crop.shape[1] - 1 - np.argmax(crop[r][::-1]) for r in rows])
+    return _convex_hull(np.concatenate([np.stack([left, rows], 1), np.stack([right, rows], 1)]))
+
+
+def tilted_square_iou(mask: np.ndarray) -> float:
+    """IoU with the smallest rectangle around the mask, if tilted at most MAX_TILT_DEG and near-square.
+
+    A person still calls a slightly rotated square a square, though it fills its upright
+    bounding box badly; a diamond is that square at 45 degrees and does not qualify.
+    The rectangle is the minimum-area one, which has a side along a hull edge.
+    """
+    crop = np.pad(_crop(mask), 2)
+    hull = _hull_of(crop)
+    if len(hull) < 3:
+        return 0.0
+    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+    for (ax, ay), (bx, by) in zip(hull, np.roll(hull, -1, axis=0), strict=True):
+        angle = (np.degrees(np.arctan2(by - ay, bx - ax)) + 45.0) % 90.0 - 45.0  # in [-45, 45)
+        c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+        u, v = hull[:, 0] * c + hull[:, 1] * s, hull[:, 1] * c - hull[:, 0] * s
+        lo, hi = np.array([u.min(), v.min()]) - 0.5, np.array([u.max(), v.max()]) + 0.5  # pixel extent
+        area = float(np.prod(hi - lo))
+        if best is None or area < best[0]:
+            best = (area, angle, lo, hi)
+    _, angle, lo, hi = best
+    sides = hi - lo
+    if abs(angle) > MAX_TILT_DEG or sides.min() / sides.max() < MIN_ASPECT:
+        return 0.0
+    c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+    ys, xs = np.mgrid[0 : crop.shape[0], 0 : crop.shape[1]]
+    u, v = xs * c + ys * s, ys * c - xs * s
+    rect = (u >= lo[0]) & (u <= hi[0]) & (v >= lo[1]) & (v <= hi[1])
+    return _iou(crop, rect)
+
+
 def concavity(mask: np.ndarray) -> tuple[float, float]:
     """(solidity, notch depth) of a mask, against the convex hull of its pixel centres.
 
@@ -272,10 +320,7 @@ def concavity(mask: np.ndarray) -> tuple[float, float]:
     while its solidity stays near 1; noise along an edge only reaches about a pixel.
     """
     crop = _crop(mask)
-    rows = np.nonzero(crop.any(axis=1))[0]
-    left = np.array([np.argmax(crop[r]) for r in rows])
-    right = np.array([crop.shape[1] - 1 - np.argmax(crop[r][::-1]) for r in rows])
-    hull = _convex_hull(np.concatenate([np.stack([left, rows], 1), np.stack([right, rows], 1)]))
+    hull = _hull_of(crop)
     if len(hull) < 3:
         return 1.0, 0.0
     ys, xs = np.mgrid[0 : crop.shape[0], 0 : crop.shape[1]]
@@ -296,6 +341,19 @@ def _top_bottom_ratio(mask: np.ndarray) -> float:
     return float(widths[:third].mean() / max(widths[-third:].mean(), 1.0))
 
 
+def radial_spread(mask: np.ndarray) -> tuple[float, float]:
+    """(std, mean) of the outline pixels' distances from the mask's centroid, in pixels.
+
+    A circle's outline is equally far from its centre all round (up to pixelation, ~0.3 px);
+    any square, tilted or not, and a diamond swing between half the side and half the
+    diagonal (std/mean ~0.11), however well they overlap a circle's template.
+    """
+    ys, xs = np.nonzero(mask)
+    outline_y, outline_x = np.nonzero(mask & ~_erode(mask))
+    radius = np.hypot(outline_y - ys.mean(), outline_x - xs.mean())
+    return float(radius.std()), float(radius.mean())
+
+
 def shape_features(mask: np.ndarray) -> dict[str, float]:
     """The numbers `classify_shape` decides on (for debugging and calibration)."""
     height, width = _crop(mask).shape
@@ -303,6 +361,7 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
         "side": float(min(height, width)),
         "aspect": min(height, width) / max(height, width),
         **dict(zip(("solidity", "notch"), concavity(mask), strict=True)),
+        **dict(zip(("radial_std", "radial_mean"), radial_spread(mask), strict=True)),
         "top_bottom": _top_bottom_ratio(mask),
         **{f"iou_{name}": value for name, value in shape_scores(mask).items()},
     }
@@ -321,6 +380,8 @@ def classify_shape(mask: np.ndarray) -> str:
     if f["side"] < COARSE_SIDE:
         need["circle"] = MIN_IOU_COARSE_CIRCLE
     fits = [name for name in SHAPES if f[f"iou_{name}"] >= need[name]]
+    if f["radial_std"] > MAX_RADIAL_CV * f["radial_mean"] + RADIAL_PIXEL_SLACK and "circle" in fits:
+        fits.remove("circle")  # corners: a tilted square or a rounded diamond, not a circle
     if f["top_bottom"] < TRIANGLE_RATIO:  # narrow top: a triangle or nothing
         fits = [name for name in fits if name == "triangle"]
     elif "triangle" in fits:
