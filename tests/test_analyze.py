@@ -92,6 +92,27 @@ def crescent(res: int) -> Image.Image:
     return image
 
 
+def ring(res: int) -> Image.Image:
+    """A circle with a hole: round outline, but no disc."""
+    image, draw = _canvas(res, "blue")
+    draw.ellipse(_box(res, 9, 9, 14), fill=PALETTE["red"])
+    draw.ellipse(_box(res, 13, 13, 6), fill=PALETTE["blue"])
+    return image
+
+
+def star(res: int) -> Image.Image:
+    """A five-pointed star: fills a square box about as much as a triangle, but is concave."""
+    image, draw = _canvas(res, "blue")
+    k = res / 32
+    radii = [7 * k if i % 2 == 0 else 3 * k for i in range(10)]
+    angles = [i * np.pi / 5 for i in range(10)]
+    draw.polygon(
+        [(16 * k + r * np.sin(a), 16 * k - r * np.cos(a)) for r, a in zip(radii, angles, strict=True)],
+        fill=PALETTE["red"],
+    )
+    return image
+
+
 def two_shapes(res: int) -> Image.Image:
     """A circle and a square: the caption asks for one shape."""
     image, draw = _canvas(res, "blue")
@@ -175,6 +196,8 @@ FAILURES: list[tuple[str, Callable[[int], Image.Image], str, dict[str, str]]] = 
     ("2:1 ellipse", ellipse, "a red circle on a blue background", {"shape": OTHER}),
     ("two merged circles", blob, "a red circle on a blue background", {"shape": OTHER}),
     ("crescent", crescent, "a red circle on a blue background", {"shape": OTHER}),
+    ("ring", ring, "a red circle on a blue background", {"shape": OTHER}),
+    ("star", star, "a red triangle on a blue background", {"shape": OTHER}),
     ("two shapes", two_shapes, "a red circle on a blue background", {"shape": OTHER}),
     ("empty", empty, "a red circle on a blue background", {"color": OTHER, "shape": OTHER}),
     ("split background", split_background, "a red circle on a blue background", {"background": OTHER}),
@@ -244,16 +267,15 @@ def test_confusion_on_the_failures(capsys: pytest.CaptureFixture[str]) -> None:
         for attribute, rows in table.items():
             print(f"  {attribute}: {json.dumps(rows)}")
     # circles read right only where the picture's fault is its colour or split background
-    assert table["shape"]["circle"] == {"circle": 4, OTHER: 7}
+    assert table["shape"]["circle"] == {"circle": 4, OTHER: 8}
     assert table["shape"]["square"] == {"square": 2, OTHER: 3}  # the two colour failures keep their square
-    assert table["color"]["red"] == {
-        "red": 9,
-        OTHER: 4,
-    }  # empty, graded (no object), red/blue mix, two colours
+    # red read as other: empty, graded background (no object found), red/blue mix, two colours
+    assert table["color"]["red"] == {"red": 11, OTHER: 4}
     assert table["color"]["yellow"] == {OTHER: 1} and table["color"]["purple"] == {OTHER: 1}
-    assert table["background"]["blue"] == {"blue": 9, OTHER: 2}
+    assert table["background"]["blue"] == {"blue": 11, OTHER: 2}
+    assert table["shape"]["triangle"] == {OTHER: 1}
     errors = confusion_errors(table)
-    assert errors["shape"] == {"circle": {OTHER: 7}, "square": {OTHER: 3}}
+    assert errors["shape"] == {"circle": {OTHER: 8}, "square": {OTHER: 3}, "triangle": {OTHER: 1}}
     assert set(errors) == {"color", "background", "shape"}
     assert sum(n for row in table["shape"].values() for n in row.values()) == len(FAILURES)
 
