@@ -96,13 +96,11 @@ SECOND_OBJECT_FRAC = 0.25
 MAX_OFF_COLOR_FRAC = 0.2
 
 # Geometry thresholds, calibrated on renders at 32 and 64 px (clean; noise 0.05 with blur 0.7 px per
-# 32 px; bicubic 48 -> 32 px) against the hand-picked failures in tests/test_shapes.py:
-MIN_ASPECT = (
-    0.8  # bounding box short side / long side: true shapes >= 0.88 (blur eats apexes), 2:1 ellipse 0.5
-)
-MIN_SOLIDITY = (
-    0.9  # mask pixels / pixels in the convex hull of their centres: 1 clean, >= 0.95 noisy, cup 0.6
-)
+# 32 px; bicubic 48 -> 32 px) against the hand-picked failures in tests/test_analyze.py.
+# Bounding box short side / long side: true shapes >= 0.88 (blur eats apexes), a 2:1 ellipse 0.5.
+MIN_ASPECT = 0.8
+# Mask pixels / pixels in the convex hull of their centres: 1 clean, >= 0.95 noisy, a cup 0.6.
+MIN_SOLIDITY = 0.9
 # A hull pixel left unfilled deeper than this fraction of the side (and 1.5 px) is a notch: noise and
 # blur reach 0.05 (1 px); a notch a quarter of the side deep reaches 0.15.
 MAX_NOTCH = 0.1
