@@ -33,7 +33,13 @@ def main() -> None:
         manifest = Path(args.samples) / "manifest.jsonl"
         n = sum(1 for _ in manifest.open()) if manifest.exists() else "?"
         values = json.loads(acc.read_text())
+        table = values.pop("confusion", None)  # absent in files written before the confusion table
         print(f"samples ({n} images in {args.samples}): " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        for attribute, rows in (table or {}).items():  # {attribute: {wanted: {got: count}}}
+            shown = "; ".join(f"{want} -> " + ", ".join(f"{got} x{n}" for got, n in got_n.items() if got != want)
+                              for want, got_n in rows.items() if set(got_n) - {want})
+            if shown:
+                print(f"  {attribute} misses: {shown}")
 
 
 if __name__ == "__main__":

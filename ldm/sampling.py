@@ -220,12 +220,18 @@ def run_sampling(cfg: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"out": str(out), "num_images": len(records), "checkpoint": str(ckpt),
                               "records": records}
     if _should_score(cfg.score_shapes, prompts):
-        from ldm.data.analyze import prompt_accuracy
+        from ldm.data.analyze import accuracy_from, analyze_batch, confusion_errors, confusion_from
 
-        acc = prompt_accuracy(stacked, [r["prompt"] for r in records])
+        pairs = analyze_batch(stacked, [r["prompt"] for r in records])
+        acc, table = accuracy_from(pairs), confusion_from(pairs)
         result["prompt_accuracy"] = acc
-        (out / "prompt_accuracy.json").write_text(json.dumps(acc, indent=2))
+        result["prompt_confusion"] = table
+        # confusion: {attribute: {wanted: {got: count}}}, "other" where the analyzer saw no palette colour/shape
+        (out / "prompt_accuracy.json").write_text(json.dumps({**acc, "confusion": table}, indent=2))
         print("[ldm] prompt accuracy by the shapes analyzer: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        misses = confusion_errors(table)
+        if misses:
+            print(f"[ldm] misses (wanted -> got: count): {json.dumps(misses)}")
     print(f"[ldm] wrote {len(records)} images, grid.png and manifest.jsonl to {out}")
     return result
 

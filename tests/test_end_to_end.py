@@ -74,7 +74,9 @@ def test_vae_then_ldm_then_sample(workdir):
                         "seed": 7, "steps": 3, "guidance_scale": lines[0]["guidance_scale"], "sampler": "ddim",
                         "height": 16, "width": 16}
     assert (out / "00001.png").exists() and (out / "grid.png").exists()
-    assert set(json.loads((out / "prompt_accuracy.json").read_text())) == {"color", "background", "shape", "all"}
+    scores = json.loads((out / "prompt_accuracy.json").read_text())
+    assert set(scores) == {"color", "background", "shape", "all", "confusion"}
+    assert sum(scores["confusion"]["shape"]["circle"].values()) == 2  # both samples, read as whatever they show
 
     # Same seed, same image.
     out2 = work / "samples2"

@@ -91,6 +91,9 @@ def test_manifest_grid_and_options(ckpt, tmp_path):
 
     assert Image.open(out / "00003.png").size == (32, 24)
     assert (out / "grid.png").is_file()
+    scores = json.loads((out / "prompt_accuracy.json").read_text())  # shapes prompts: scored, with a confusion
+    assert scores["confusion"] == result["prompt_confusion"] and scores["all"] == result["prompt_accuracy"]["all"]
+    assert {want: sum(got.values()) for want, got in scores["confusion"]["shape"].items()} == {"circle": 2, "square": 2}
 
 
 def test_latest_is_the_newest_checkpoint(ckpt, tmp_path):

@@ -159,13 +159,13 @@ def _accuracy(images: list, metas: list[dict]) -> float:
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_analyzer_clean(resolution: int) -> None:
-    assert _accuracy(*_generated(resolution, 300, seed=resolution)) >= 0.99
+    assert _accuracy(*_generated(resolution, 300, seed=resolution)) == 1.0
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_analyzer_noise_and_blur(resolution: int) -> None:
     images, metas = _generated(resolution, 300, noise=0.05, blur=0.7 * resolution / 32, seed=resolution + 1)
-    assert _accuracy(images, metas) >= 0.95
+    assert _accuracy(images, metas) == 1.0
 
 
 def test_analyzer_inputs_agree() -> None:
