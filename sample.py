@@ -1,7 +1,5 @@
 """Generate images from a stage=ldm checkpoint: `python sample.py prompt="a red circle on a blue background"`."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -9,13 +7,9 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     from ldm.sampling import run_sampling
-    from ldm.train.checks import ConfigError
+    from ldm.train.entry import run_reporting_errors
 
-    try:
-        run_sampling(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_reporting_errors(lambda: run_sampling(cfg))
 
 
 if __name__ == "__main__":

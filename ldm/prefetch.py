@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
 
-    from ldm.train.checks import ConfigError
+    from ldm.train.entry import quote_shard_patterns, run_reporting_errors
     from ldm.weights import cache_root, missing_message, needed_weights, prefetch
 
     try:
-        cfg = compose_train_config(args.overrides)
+        cfg = compose_train_config(quote_shard_patterns(args.overrides))
     except HydraException as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(missing_message(cfg, missing, args.overrides), file=sys.stderr)
         return 1 if missing else 0
-    try:
-        prefetch(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run_reporting_errors(lambda: prefetch(cfg))
     print(f"[ldm] done; on the compute node: python train.py {' '.join(args.overrides)} offline=true".rstrip())
     return 0
 

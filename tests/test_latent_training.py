@@ -37,4 +37,7 @@ def test_ldm_trains_from_latent_shards(tmp_path, tiny_shapes):
 
     other = _autoencoder(tmp_path / "other", seed=1)
     proc = run_script("train.py", *common, f"model.autoencoder.init_from={other}", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "latent shards were made by autoencoder" in proc.stdout + proc.stderr
+    # A start-up check like the others: one error line and exit status 2, no traceback.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "latent shards were made by autoencoder" in errors[0]
+    assert "Traceback" not in proc.stderr

@@ -24,7 +24,7 @@ from ldm.train.checkpoint_io import AtomicCheckpointIO, partial_name
 from ldm.train.run_dir import checkpoint_step, find_latest_checkpoint, find_run_checkpoint
 
 from .conftest import ROOT
-from .test_end_to_end import USER_DATA
+from .test_end_to_end import TINY
 
 STEPS = 30
 
@@ -66,7 +66,9 @@ def wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen | None
 @pytest.mark.parametrize("attempt", range(int(os.environ.get("LDM_REPEAT", "1"))))
 def test_usr1_to_every_process_saves_once_and_resumes_there(tmp_path, tiny_shapes, attempt):
     run = tmp_path / "run"
-    args = [str(ROOT / "train.py"), "stage=vae", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
+    # A user's own shards: data=webdataset with its own loader settings (4 workers, persistent, finite epochs).
+    tiny = [a for a in TINY if not a.startswith("data.num_workers=")]
+    args = [str(ROOT / "train.py"), "stage=vae", "data=webdataset", *tiny, f"data.train_shards={tiny_shapes}/train",
             f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
             f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
             "checkpoint.every_n_train_steps=4", "ckpt=auto", f"hydra.run.dir={run}"]

@@ -100,6 +100,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.max_skip_fraction = max_skip_fraction
         self.retries = retries
         self.latents = latents
+        self._latents_checked = False
         self.autoencoder = autoencoder
         self._resume_state: dict[str, Any] | None = None
         self.train_set: TrainStream | None = None
@@ -144,6 +145,16 @@ class ShardDataModule(pl.LightningDataModule):
         if self.min_size < 0 or self.retries < 0:
             raise ValueError("data.min_size and data.retries must be >= 0")
 
+    def check_latent_shards(self) -> None:
+        """Latent shards must come from this run's autoencoder (by hash); checked once, at start-up if asked."""
+        if self._latents_checked:
+            return
+        for source, _ in expand_sources(self.train_shards) if self.train_shards is not None else []:
+            check_latents(source, self.autoencoder)
+        if self.val_shards is not None:
+            check_latents(expand_shards(self.val_shards), self.autoencoder)
+        self._latents_checked = True
+
     def setup(self, stage: str | None = None) -> None:
         """Check the settings and that every local shard exists, then build this rank's streams.
 
@@ -158,8 +169,7 @@ class ShardDataModule(pl.LightningDataModule):
             sources = expand_sources(self.train_shards)
             urls = [url for source, _ in sources for url in source]
             if self.latents:
-                for source, _ in sources:
-                    check_latents(source, self.autoencoder)
+                self.check_latent_shards()
             counts, epoch_length = None, self.epoch_length
             if self.mode == "finite" and len({weight for _, weight in sources}) > 1:
                 raise ValueError("data.train_shards weights apply to data.mode=resampled; "
@@ -202,7 +212,7 @@ class ShardDataModule(pl.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_shards is not None:
             val_urls = expand_shards(self.val_shards)
             if self.latents:
-                check_latents(val_urls, self.autoencoder)
+                self.check_latent_shards()
             self.val_set = ValStream(
                 val_urls,
                 resolution=self.resolution,

@@ -214,6 +214,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if data_args.get("latents") and cfg.stage.name == "ldm" and not data_args.get("autoencoder"):
         data_args["autoencoder"] = str(resolve_autoencoder_path(cfg))  # refuse shards another autoencoder made
     datamodule = instantiate(data_args, _convert_="all")
+    if data_args.get("latents"):
+        try:
+            datamodule.check_latent_shards()  # now, not inside fit: a wrong autoencoder is a bad setting
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"data.train_shards / data.val_shards: {err}") from err
     logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
                          run_name=f"{cfg.stage.name}-{run_dir.name}", resume_from=resume)
     if logger is not None:

@@ -49,11 +49,20 @@ def make_logger(cfg: dict[str, Any], run_dir: Path, run_name: str, resume_from: 
     if name == "csv":
         return CSVLogger(save_dir=str(run_dir), name="", version="logs")
     if name == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            from ldm.train.checks import ConfigError
+
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
+                              "(make installs it), or use logger=csv / logger=wandb")
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard")
     if name == "none":
         return None
     if name != "wandb":
-        raise ValueError(f"logger: unknown logger {name!r}; choose wandb, csv, tensorboard or none")
+        from ldm.train.checks import ConfigError
+
+        raise ConfigError(f"logger: unknown logger {name!r}; choose wandb, csv, tensorboard or none")
     mode = cfg.get("mode", "auto")
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
