@@ -102,3 +102,20 @@ def test_fid_inception_without_internet_is_one_error_line(tmp_path, tiny_shapes)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could not download pretrained weights" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "python -m ldm.prefetch" in errors[0]
+
+
+def test_srun_train_passes_a_brace_pattern_through_unchanged(tmp_path):
+    """sbatch slurm/train.sbatch ... data.train_shards='/data/laion/{00000..01023}.tar': bash hands the script
+    the unquoted pattern; srun_train.sh must give it to train.py as one argument, unexpanded."""
+    fake = tmp_path / "srun"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/argv\n')
+    fake.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_JOB_ID": "7",
+           "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": str(ROOT), "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    typed = "data.train_shards=/data/laion/{00000..01023}.tar"
+    subprocess.run(["bash", str(ROOT / "slurm" / "srun_train.sh"), "stage=vae", typed], env=env, check=True,
+                   capture_output=True, timeout=60)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert typed in argv and argv.count(typed) == 1 and "stage=vae" in argv
+    assert quote_shard_patterns(argv[argv.index("stage=vae"):]) == [
+        "stage=vae", "data.train_shards='/data/laion/{00000..01023}.tar'"]

@@ -137,3 +137,29 @@ def test_partial_files_do_not_look_like_lightning_versions(tmp_path):
     """Lightning numbers hpc_ckpt_N from the digits after "ckpt_" in every file name of the run dir."""
     name = partial_name("hpc_ckpt_1.ckpt")
     assert "ckpt_" not in name and name.endswith(".partial") and name.startswith(".")
+
+
+def _stubborn_worker() -> None:
+    from ldm.train.signals import ignore_job_signals
+
+    ignore_job_signals(0)
+    while True:
+        time.sleep(0.1)
+
+
+def test_workers_that_ignore_sigterm_do_not_hold_up_the_exit():
+    """multiprocessing's exit hook stops children with SIGTERM and then waits for them: a loader worker that
+    ignores SIGTERM (and whose loader a failed run left open) would hang the process forever. Ours ends them."""
+    import multiprocessing
+
+    from ldm.train.signals import _kill_loader_workers
+
+    child = multiprocessing.get_context("fork").Process(target=_stubborn_worker, daemon=True)
+    child.start()
+    time.sleep(1.0)  # past its worker_init
+    child.terminate()  # what multiprocessing's own exit hook does first
+    child.join(timeout=1)
+    assert child.is_alive()  # ignored
+    _kill_loader_workers()
+    child.join(timeout=5)
+    assert not child.is_alive()

@@ -21,6 +21,8 @@ from the workers for good: they end when their parent shuts them down or dies.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 from types import FrameType
@@ -64,6 +66,32 @@ def ignore_job_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: a loader worker takes no job signals (USR1, SIGTERM); its parent stops it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether process `pid` ignores SIGTERM (Linux: the SigIgn mask of /proc/PID/status)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()  # noqa: SIM115 - one read
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), "0")
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def _kill_loader_workers() -> None:
+    """At interpreter exit, end child processes that ignore SIGTERM (loader workers, see above).
+
+    A run that ends in an exception can leave its loader iterator unclosed (the traceback holds it).
+    multiprocessing's own exit hook then stops its children with SIGTERM, which loader workers ignore,
+    and waits for them forever. Registered after that hook, this one runs first and ends them for good.
+    """
+    for child in multiprocessing.active_children():
+        if child.pid is not None and _ignores_sigterm(child.pid):
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_kill_loader_workers)
 
 
 def own_signal_handlers(trainer: pl.Trainer) -> None:

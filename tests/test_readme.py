@@ -1,0 +1,224 @@
+"""Every command in the README's code blocks runs as typed, in bash, in README order, in one scratch folder.
+
+What the test changes, and only that: tiny sizes and temporary paths (substitutions below, and overrides
+appended to each train.py / sample.py line, which Hydra applies last), so the command keeps its keys and
+its quoting. Brace patterns stay brace patterns. Commands that need a GPU, a cluster, the internet or the
+whole 20-minute run are skipped, each with its reason in SKIP; a command that is in neither list fails the
+test, so a new README command must be added to one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+README = ROOT / "README.md"
+
+SKIP = {
+    "make train": "the 20-minute built-in run; its three steps (train.py stage=vae, stage=ldm, sample.py) run below",
+    "make test": "this test suite itself",
+    ". .venv/bin/activate": "activates the environment this test already runs in",
+    "python train.py stage=vae data=webdataset model/autoencoder=kl_f8 data.resolution=256":
+        "internet: downloads the published VGG16 + LPIPS heads and the FID Inception (lpips_pretrained=true, "
+        "extractor=inception); offline, tests/test_prefetch.py covers those loaders with local files",
+    "python train.py stage=vae model/autoencoder=sd model.autoencoder.init_from=/models/":
+        "internet: a published Stable Diffusion VAE file; tests/test_autoencoder_compat.py loads test-made ones",
+    "python train.py stage=ldm model.autoencoder.init_from=/models/":
+        "internet: a published Stable Diffusion VAE folder; tests/test_autoencoder_compat.py loads test-made ones",
+    "python -m ldm.prefetch": "internet: downloads published weights; tests/test_prefetch.py covers it offline",
+    "python train.py stage=ldm model/text_encoder=openclip_vit_h14 paths.weights_cache=/shared/weights offline=true":
+        "needs the cache that the prefetch above fills from the internet; tests/test_prefetch.py covers offline=true",
+    "sbatch ": "cluster: tests/test_slurm.py runs the sbatch scripts on a local one-node SLURM",
+    "squeue ": "cluster",
+    "slurm/local_cluster.sh": "cluster: root and apt-get; tests/test_slurm.py starts and stops it",
+    "python train.py -m hydra/launcher=slurm": "cluster: tests/test_slurm.py runs a sweep through the launcher",
+    "python train.py stage=ldm trainer=gpu": "GPU",
+    "tensorboard --logdir": "a server that runs until stopped",
+    "from ldm.autoencoder.model import AutoencoderKL":
+        "internet: published Stable Diffusion files; tests/test_unet_compat.py and test_autoencoder_compat.py "
+        "run the same calls on test-made ones",
+}
+
+RUN = ("python train.py", "python sample.py", "python -m ldm.", "python bench/")
+
+# Temporary paths and tiny sizes for what the README names (its keys and quoting stay as they are).
+SUBSTITUTIONS = [
+    ("/data/laion/{00000..01023}.tar", "<tmp>/laion/{00000..00002}.tar"),
+    ("/data/laion-val/{00000..00003}.tar", "<tmp>/laion-val/{00000..00001}.tar"),
+    ("runs/ldm/2026-01-02_10-00-00", "<last_ldm_run>"),
+    ("data.resolution=256", "data.resolution=32"),  # 32: room for an f8 autoencoder and the UNet's levels
+    ("--shard-size 10000", "--shard-size 8"),
+    ("device=cuda", "device=cpu"),  # the GPU flag: the CPU runs the same path
+]
+TINY_TRAIN = ["logger=csv", "trainer.accelerator=cpu", "data.resolution=32", "data.batch_size=4",
+              "data.val_batch_size=4", "model.autoencoder.ch=16", "model.unet.model_channels=32",
+              "model.unet.num_head_channels=16", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "trainer.limit_val_batches=1", "checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"]
+TINY_LDM = ["stage.num_val_prompts=2", "stage.module.num_inference_steps=2", "stage.module.metrics.num_samples=4"]
+TINY_SAMPLE = ["steps=2"]
+
+
+def split_comment(line: str) -> str:
+    """`line` without a trailing shell comment (a # outside quotes, after a space)."""
+    quote = ""
+    for i, char in enumerate(line):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(language, command) for every shell line and every Python block of the README's code blocks."""
+    commands = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", README.read_text(), re.S):
+        if lang == "python":
+            commands.append(("python", body))
+        elif lang in ("bash", "sh", "shell"):
+            for line in body.replace("\\\n", " ").splitlines():
+                line = re.sub(r" {2,}", " ", split_comment(line.strip()))
+                if line:
+                    commands.append(("bash", line))
+    return commands
+
+
+def skip_reason(command: str) -> str | None:
+    return next((reason for start, reason in SKIP.items() if command.lstrip().startswith(start)), None)
+
+
+def tiny(command: str, ctx: dict[str, str]) -> str:
+    for old, new in SUBSTITUTIONS:
+        for key, value in ctx.items():
+            new = new.replace(f"<{key}>", value)
+        command = command.replace(old, new)
+    if command.startswith("python train.py"):
+        extra = [o for o in TINY_TRAIN if not ("data.resolution=" in command and o.startswith("data.resolution="))]
+        if not re.search(r"model/text_encoder=(class|none)", command):
+            extra.append("model.text_encoder.width=32")
+        if "stage=ldm" in command:
+            extra += TINY_LDM
+        command += " " + " ".join(extra)
+    elif command.startswith("python sample.py"):
+        command += " " + " ".join(TINY_SAMPLE)
+    elif command.startswith("python -m ldm.data.shapes"):
+        command += " --num 64 --num-val 16 --resolution 32"
+    return command
+
+
+def prepare(tmp: Path) -> None:
+    """What the README assumes the user has: photos with captions, a CSV list, a prompts file, shards."""
+    import random
+
+    from ldm.data.shapes import make_caption, render, write_shapes
+
+    src = tmp / "_shapes"
+    write_shapes(src, num_train=48, num_val=16, resolution=16, seed=3, shard_size=16)
+    for split, target, count in (("train", "laion", 3), ("val", "laion-val", 1)):
+        (tmp / target).mkdir()
+        for i, shard in enumerate(sorted((src / split).glob("*.tar"))[:count]):
+            shutil.copy(shard, tmp / target / f"{i:05d}.tar")
+    (tmp / "laion-val" / "00001.tar").write_bytes((tmp / "laion-val" / "00000.tar").read_bytes())
+    photos = tmp / "photos"
+    photos.mkdir()
+    rows = ["path,caption"]
+    rng = random.Random(0)
+    for i in range(12):
+        image, attrs = render(rng, resolution=24)
+        caption = make_caption(attrs["color"], attrs["shape"], attrs["background"])
+        image.save(photos / f"{i:03d}.png")
+        (photos / f"{i:03d}.txt").write_text(caption)
+        rows.append(f"photos/{i:03d}.png,{caption}")
+    (tmp / "val.csv").write_text("\n".join(rows) + "\n")
+    (tmp / "prompts.txt").write_text("a red circle on a blue background\n\na green square on a white background\n")
+    for name in ("train.py", "sample.py", "conf", "bench", "slurm"):
+        (tmp / name).symlink_to(ROOT / name)
+
+
+def before(command: str, tmp: Path, env: dict[str, str]) -> None:
+    """The README's prose steps that a code-block command relies on."""
+    if "data=latents" in command and not (tmp / "data" / "mine-latents").exists():
+        for split in ("train", "val"):  # README "Your own data": python -m ldm.data.latents ...
+            subprocess.run([sys.executable, "-m", "ldm.data.latents", "--autoencoder", "exports/autoencoder",
+                            "--shards", f"data/mine/{split}", "--out", f"data/mine-latents/{split}",
+                            "--resolution", "32"], cwd=tmp, env=env, check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("readme")
+    prepare(tmp)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return tmp, env
+
+
+COMMANDS = readme_commands()
+
+
+def test_every_command_is_run_or_skipped_with_a_reason():
+    unknown = [c for lang, c in COMMANDS if not skip_reason(c) and not (lang == "bash" and c.startswith(RUN))]
+    assert not unknown, f"README commands the test neither runs nor skips (add them to RUN or SKIP): {unknown}"
+    stale = [s for s in SKIP if not any(c.lstrip().startswith(s) for _, c in COMMANDS)]
+    assert not stale, f"SKIP entries that match no README command: {stale}"
+
+
+@pytest.mark.parametrize("lang,command", COMMANDS, ids=[f"{i:02d}" for i in range(len(COMMANDS))])
+def test_readme_command(scratch, lang, command):
+    reason = skip_reason(command)
+    if reason:
+        pytest.skip(reason)
+    tmp, env = scratch
+    runs = sorted((tmp / "runs" / "ldm").glob("*/"), key=lambda p: p.stat().st_mtime)
+    ctx = {"tmp": str(tmp), "last_ldm_run": str(runs[-1].relative_to(tmp)) if runs else "runs/ldm/none"}
+    if lang == "python":
+        proc = subprocess.run([sys.executable, "-c", tiny(command, ctx)], cwd=tmp, env=env, capture_output=True,
+                              text=True, timeout=600)
+    else:
+        line = tiny(command, ctx)
+        before(line, tmp, env)
+        proc = subprocess.run(["bash", "-c", line], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"$ {command}\n(ran: {tiny(command, ctx)})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    log = tmp / "ran.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"command": command}) + "\n")
+
+
+def _table_first_column(heading: str) -> list[str]:
+    """The backticked names in the first column of the first table under `heading`."""
+    section = README.read_text().split(heading, 1)[1]
+    rows = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| `")]
+    return [name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
+
+
+def test_sampling_table_lists_every_option_and_no_other():
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(ROOT / "conf" / "sample.yaml")
+    keys = {k for k in conf if k not in ("defaults", "hydra", "paths")} | {f"paths.{k}" for k in conf.paths}
+    assert set(_table_first_column("## Sampling")) == keys
+
+
+def test_configuration_table_lists_every_group_and_choice():
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        cells = row.split("|")
+        table[re.findall(r"`([^`]+)`", cells[1])[0]] = set(re.findall(r"`([^`]+)`", cells[2]))
+    on_disk = {}
+    for folder in sorted(p for p in (ROOT / "conf").rglob("*") if p.is_dir() and list(p.glob("*.yaml"))):
+        group = str(folder.relative_to(ROOT / "conf"))
+        if group != "hydra/launcher":
+            on_disk[group] = {p.stem for p in folder.glob("*.yaml")}
+    assert table == on_disk
