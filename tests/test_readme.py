@@ -58,6 +58,7 @@ SUBSTITUTIONS = [
     ("data.resolution=256", "data.resolution=32"),  # 32: room for an f8 autoencoder and the UNet's levels
     ("--shard-size 10000", "--shard-size 8"),
     ("device=cuda", "device=cpu"),  # the GPU flag: the CPU runs the same path
+    ("height=48 width=64", "height=32 width=64"),  # the README's earlier kl_f8 run left an f8 x 4 = 32 model
 ]
 TINY_TRAIN = ["logger=csv", "trainer.accelerator=cpu", "data.resolution=32", "data.batch_size=4",
               "data.val_batch_size=4", "model.autoencoder.ch=16", "model.unet.model_channels=32",
