@@ -7,7 +7,9 @@ export/
   unet_ema.safetensors      EMA UNet weights, our (CompVis) names: UNetModel.from_pretrained(export, use_ema=True)
   autoencoder/              our autoencoder export: AutoencoderKL.from_pretrained(export / "autoencoder")
   text_encoder.safetensors  the conditioner (EMA copy when it trained), unless it is a frozen published OpenCLIP model
-  diffusers/unet, diffusers/vae    diffusers folders (UNet2DConditionModel / AutoencoderKL)
+  diffusers/                a StableDiffusionPipeline folder: model_index.json, unet/, vae/, text_encoder/ (CLIPTextModel),
+                            tokenizer/ (CLIPTokenizer), scheduler/ (DDIMScheduler sampling as our DDIM)
+  sd.safetensors            a Stable Diffusion single file (SD 1 or SD 2 key names) for ComfyUI and AUTOMATIC1111
   compvis/unet.safetensors, compvis/vae.safetensors    Stable Diffusion (CompVis) key names
 ```
 
@@ -95,8 +97,10 @@ def _is_published_frozen(config: dict[str, Any]) -> bool:
 
 
 def write_outside_layouts(module: Any, out: str | Path) -> list[Path]:
-    """diffusers folders and CompVis safetensors of the EMA UNet and the autoencoder; returns what was written."""
+    """diffusers folders and CompVis safetensors of the EMA UNet and the autoencoder, and (when a
+    StableDiffusionPipeline can express the model) the whole pipeline and an SD single file."""
     from ldm.checkpoints import autoencoder as ae_ckpt
+    from ldm.checkpoints import pipeline
     from ldm.checkpoints import unet as unet_ckpt
 
     out = Path(out)
@@ -106,7 +110,9 @@ def write_outside_layouts(module: Any, out: str | Path) -> list[Path]:
     jobs = [("diffusers UNet", lambda: unet_ckpt.save_diffusers(unet, out / "diffusers" / "unet", sample_size=size)),
             ("diffusers autoencoder", lambda: ae_ckpt.save_diffusers(ae, out / "diffusers" / "vae", scale)),
             ("CompVis UNet", lambda: unet_ckpt.save_compvis(unet, out / "compvis" / "unet.safetensors")),
-            ("CompVis autoencoder", lambda: ae_ckpt.save_compvis(ae, out / "compvis" / "vae.safetensors"))]
+            ("CompVis autoencoder", lambda: ae_ckpt.save_compvis(ae, out / "compvis" / "vae.safetensors")),
+            ("diffusers pipeline", lambda: pipeline.save_pipeline(module, out / "diffusers")),
+            ("SD single file", lambda: pipeline.save_single_file(module, out / "sd.safetensors"))]
     written = []
     for what, save in jobs:
         try:

@@ -116,7 +116,12 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
         return instantiate(cfg.stage.module, _convert_="all", **extra)
     if cfg.stage.name == "ldm":
-        path = resolve_autoencoder_path(cfg)
+        from ldm.train.init_from import load_weights, plan_init
+
+        plan = plan_init(cfg, _task_overrides())  # model.init_from / model.unet.init_from
+        if plan is not None:
+            cfg = plan.apply(cfg)
+        path = Path(plan.autoencoder_path) if plan and plan.autoencoder_path else resolve_autoencoder_path(cfg)
         from ldm.autoencoder.model import AutoencoderKL
 
         try:
@@ -134,7 +139,10 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
 
             extra["val_prompts"] = prompt_set(int(cfg.stage.num_val_prompts), seed=cfg.seed)
             extra["score_shapes"] = True
-        return instantiate(cfg.stage.module, _convert_="all", **extra)
+        module = instantiate(cfg.stage.module, _convert_="all", **extra)
+        if plan is not None:
+            load_weights(module, plan)
+        return module
     raise ConfigError(f"stage={cfg.stage.name!r}: choose vae or ldm")
 
 
