@@ -64,7 +64,7 @@ def build_pipeline(style: str, folder: Path, seed: int = 0):
     text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=s["text_layers"],
                                         num_attention_heads=2, max_position_embeddings=CONTEXT, hidden_act=s["act"]))
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=s["prediction_type"], timestep_spacing="trailing", steps_offset=0,
+                              prediction_type=s["prediction_type"], timestep_spacing="trailing", steps_offset=1,
                               set_alpha_to_one=True, clip_sample=False)
     pipe = StableDiffusionPipeline(vae=jitter(vae, seed), text_encoder=jitter(text, seed + 1),
                                    tokenizer=clip_tokenizer(folder / "_vocab", s["pad"]),
