@@ -179,7 +179,7 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
 
         out = write_bundle(module, run_dir / "export")
         print(f"[ldm] EMA UNet, autoencoder and settings exported to {out} (python sample.py ckpt={out}; "
-              f"also diffusers/ and compvis/)")
+              f"also diffusers/, sd.safetensors and compvis/)")
 
 
 def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
