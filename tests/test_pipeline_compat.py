@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import run_script
+from .conftest import ROOT, run_script
 from .sd_pipelines import build_pipeline, draw
 
 diffusers = pytest.importorskip("diffusers")
@@ -37,15 +37,16 @@ def max_state_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def trained(request, tmp_path_factory, tiny_shapes):
-    """(style, original pipeline, its folder, the run's export folder, train.py's stdout)."""
+    """(style, original pipeline, work folder, the run's export folder, diffusers' pipeline loaded from it)."""
     style = request.param
     work = tmp_path_factory.mktemp(f"init_{style}")
     original = build_pipeline(style, work / "original")
-    proc = run_script("train.py", "stage=ldm", f"model.init_from={work / 'original'}", *RUN,
-                      f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val",
-                      "paths.runs=runs", cwd=work)
+    run_script("train.py", "stage=ldm", f"model.init_from={work / 'original'}", *RUN,
+               f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val", "paths.runs=runs",
+               cwd=work)
     export = next((work / "runs" / "ldm").glob("*/export"))
-    return style, original, work, export, proc.stdout
+    back = diffusers.StableDiffusionPipeline.from_pretrained(export / "diffusers")  # offline: a local folder
+    return style, original, work, export, back
 
 
 def test_settings_come_from_the_pipeline(trained):
@@ -59,8 +60,7 @@ def test_settings_come_from_the_pipeline(trained):
 
 
 def test_round_trip_weights_and_picture(trained, one_thread):
-    style, original, _work, export, _ = trained
-    back = diffusers.StableDiffusionPipeline.from_pretrained(export / "diffusers")
+    style, original, _work, _export, back = trained
     for name in COMPONENTS:
         diff = max_state_diff(getattr(original, name), getattr(back, name))
         print(f"{style} round trip {name}: max |exported - original| = {diff:.2e}")
@@ -74,24 +74,29 @@ def test_round_trip_weights_and_picture(trained, one_thread):
 
 
 def test_sample_py_draws_diffusers_picture(trained, one_thread):
-    style, _original, work, export, _ = trained
+    from hydra import compose, initialize_config_dir
+
+    from ldm.sampling import run_sampling
+
+    style, _original, work, export, back = trained
     out = work / "samples"
-    run_script("sample.py", f"ckpt={export}", f"prompt={PROMPT}", f"seed={SEED}", f"steps={STEPS}",
-               f"guidance_scale={GUIDANCE}", "sampler=ddim", "device=cpu", f"out={out}", cwd=work)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={export}", f"prompt={PROMPT}", f"seed={SEED}", f"steps={STEPS}",
+                                           f"guidance_scale={GUIDANCE}", "sampler=ddim", "device=cpu", f"out={out}",
+                                           "progress=false"])
+    run_sampling(cfg)  # what sample.py runs
     ours = np.asarray(Image.open(out / "00000.png").convert("RGB"))
-    theirs = draw(diffusers.StableDiffusionPipeline.from_pretrained(export / "diffusers"), PROMPT, SEED, STEPS,
-                  GUIDANCE)
+    theirs = draw(back, PROMPT, SEED, STEPS, GUIDANCE)
     diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
     print(f"{style} sample.py vs diffusers on the export: max pixel difference {diff}/255")
     assert diff <= 2
 
 
 def test_single_file_opens_in_diffusers(trained, one_thread):
-    style, _original, _work, export, _ = trained
+    style, _original, _work, export, folder = trained
     single = diffusers.StableDiffusionPipeline.from_single_file(str(export / "sd.safetensors"),
                                                                  config=str(export / "diffusers"),
                                                                  local_files_only=True)
-    folder = diffusers.StableDiffusionPipeline.from_pretrained(export / "diffusers")
     for name in COMPONENTS:
         diff = max_state_diff(getattr(single, name), getattr(folder, name))
         print(f"{style} from_single_file {name}: max |single file - folder| = {diff:.2e}")
@@ -115,3 +120,23 @@ def test_bundle_and_single_file_are_valid_init_from(trained):
         for ours, theirs in ((found.unet_state, reference.unet_state), (found.text_state, reference.text_state)):
             assert ours.keys() == theirs.keys()
             assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
+
+
+def test_published_single_file_without_our_metadata(trained, tmp_path):
+    """A third-party SD file: the architecture from the shapes, heads and settings by SD's conventions."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoints.pipeline import SD_SCALE_FACTOR, load_pretrained
+
+    style, _original, work, export, _ = trained
+    save_file(load_file(str(export / "sd.safetensors")), str(tmp_path / "plain.safetensors"))  # metadata gone
+    found, reference = load_pretrained(tmp_path / "plain.safetensors"), load_pretrained(work / "original")
+    for key in ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+                "attention_resolutions", "transformer_depth", "context_dim"):
+        assert found.unet_config[key] == reference.unet_config[key], key
+    assert bool(found.unet_config.get("use_linear_in_transformer")) == (style == "sd2")
+    assert found.unet_state.keys() == reference.unet_state.keys()
+    text, ref_text = found.text_config, reference.text_config
+    for key in ("width", "layers", "context_length", "act", "pad_id", "layer"):
+        assert text[key] == ref_text[key], key
+    assert found.settings["prediction_type"] == "epsilon" and found.settings["scale_factor"] == SD_SCALE_FACTOR

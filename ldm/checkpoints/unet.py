@@ -363,7 +363,32 @@ def guess_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         config["context_dim"] = to_k.shape[1]
     if "label_emb.weight" in state:
         config["num_classes"] = state["label_emb.weight"].shape[0]
+    config.update(_levels(state, config["model_channels"]))
     return config
+
+
+def _levels(state: dict[str, torch.Tensor], model_channels: int) -> dict[str, Any]:
+    """channel_mult, num_res_blocks, attention_resolutions and transformer_depth from the input blocks' keys."""
+    levels: list[list[int]] = [[]]  # input-block indices of each level's res blocks
+    n = 1
+    while f"input_blocks.{n}.0.op.weight" in state or f"input_blocks.{n}.0.in_layers.0.weight" in state:
+        if f"input_blocks.{n}.0.op.weight" in state:
+            levels.append([])
+        else:
+            levels[-1].append(n)
+        n += 1
+    if n == 1 or not levels[0]:
+        return {}
+    mult = [state[f"input_blocks.{blocks[0]}.0.out_layers.3.weight"].shape[0] // model_channels for blocks in levels]
+    attn = [2 ** i for i, blocks in enumerate(levels) if f"input_blocks.{blocks[0]}.1.norm.weight" in state]
+    out: dict[str, Any] = {"channel_mult": mult, "num_res_blocks": len(levels[0]), "attention_resolutions": attn}
+    if attn:
+        first = levels[attn[0].bit_length() - 1][0]
+        depth = 0
+        while f"input_blocks.{first}.1.transformer_blocks.{depth}.norm1.weight" in state:
+            depth += 1
+        out["transformer_depth"] = depth
+    return out
 
 
 # ---------------------------------------------------------------- writing
