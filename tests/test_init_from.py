@@ -54,6 +54,13 @@ def test_contradiction_stops_at_start_naming_the_key(sd1_folder, override, key):
         plan(f"model.init_from={sd1_folder}", override)
 
 
+def test_autoencoder_contradiction_names_the_key(sd1_folder):
+    found, cfg = plan(f"model.init_from={sd1_folder}", "model.autoencoder.ch=64")
+    with pytest.raises(ConfigError, match=r"model\.autoencoder\.ch=64 contradicts"):
+        found.check_autoencoder(cfg, {"ch": 32, "resolution": 16})
+    found.check_autoencoder(cfg, {"ch": 64, "resolution": 256})  # agreeing (resolution follows the data)
+
+
 def test_unet_alone(sd1_folder):
     found, _ = plan(f"model.unet.init_from={sd1_folder}")
     assert found.text_state is None and found.autoencoder_path is None and set(found.kwargs) == {"unet"}

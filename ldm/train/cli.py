@@ -129,6 +129,8 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"model.autoencoder.init_from={path}: cannot load an autoencoder: {err}") from err
         ae_config = dict(autoencoder.config)
+        if plan is not None:
+            plan.check_autoencoder(cfg, ae_config)
         check_ldm(cfg, ae_config)
         ae_config["resolution"] = int(cfg.data.resolution)  # samples are drawn at the data's size
         extra: dict[str, Any] = {"autoencoder": ae_config, "autoencoder_path": str(path)}

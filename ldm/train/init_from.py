@@ -29,6 +29,12 @@ class InitPlan:
     autoencoder_path: str | None = None
     unet_state: dict[str, torch.Tensor] | None = None
     text_state: dict[str, torch.Tensor] | None = None
+    explicit: set[str] = field(default_factory=set)  # keys set on the command line
+
+    def check_autoencoder(self, cfg: DictConfig, found: dict[str, Any]) -> None:
+        """The autoencoder's architecture comes from its files too: a contradicting command-line value stops."""
+        if self.autoencoder_path is not None:
+            _arch("autoencoder", cfg, {k: v for k, v in found.items() if k != "resolution"}, self.explicit, ())
 
     def apply(self, cfg: DictConfig) -> DictConfig:
         """A copy of `cfg` with the files' architecture (model.unet, model.text_encoder) and settings."""
@@ -93,7 +99,7 @@ def plan_init(cfg: DictConfig, overrides: list[str] | None) -> InitPlan | None:
         raise ConfigError(f"model.unet.init_from={unet_only} conflicts with model.init_from={whole}, which loads "
                           f"the UNet too; set one of them")
     use_ema = bool(model.get("use_ema", False))
-    plan = InitPlan()
+    plan = InitPlan(explicit=explicit)
     if unet_only:
         from ldm.diffusion.unet import UNetModel
 
