@@ -101,6 +101,11 @@ def test_single_file_opens_in_diffusers(trained, one_thread):
         diff = max_state_diff(getattr(single, name), getattr(folder, name))
         print(f"{style} from_single_file {name}: max |single file - folder| = {diff:.2e}")
         assert diff < 1e-6
+    assert single.scheduler.config.prediction_type == folder.scheduler.config.prediction_type
+    a, b = draw(single, PROMPT, SEED, STEPS, GUIDANCE), draw(folder, PROMPT, SEED, STEPS, GUIDANCE)
+    diff = np.abs(a.astype(int) - b.astype(int)).max()
+    print(f"{style} from_single_file picture: max pixel difference {diff}/255 from the folder's")
+    assert diff <= 2
     from safetensors import safe_open
 
     with safe_open(str(export / "sd.safetensors"), "pt") as f:
