@@ -36,16 +36,16 @@ def is_bundle(path: str | Path) -> bool:
     return path.is_dir() and (path / BUNDLE_CONFIG).is_file() and (path / EMA_WEIGHTS).is_file()
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """hparams -> JSON: tuples to lists, OmegaConf containers to plain ones."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -71,11 +71,11 @@ def write_bundle(module: Any, out: str | Path, outside_layouts: bool = True) -> 
     unet = module.ema.model
     _save_tensors(unet.state_dict(), out / EMA_WEIGHTS)
     module.autoencoder.save_pretrained(out / "autoencoder")
-    hparams = _plain(dict(module.hparams))
-    conditioner = _sampling_conditioner(module)
+    hparams = plain(dict(module.hparams))
+    conditioner = sampling_conditioner(module)
     if conditioner is not None and not _is_published_frozen(hparams.get("text_encoder") or {}):
         _save_tensors(conditioner.state_dict(), out / TEXT_WEIGHTS)
-    meta = {"unet": _plain(unet.config), "scale_factor": float(module.scale_factor),
+    meta = {"unet": plain(unet.config), "scale_factor": float(module.scale_factor),
             "prediction_type": hparams.get("prediction_type"), "schedule": hparams.get("schedule"),
             "module": hparams}
     atomic_write(out / BUNDLE_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -84,7 +84,7 @@ def write_bundle(module: Any, out: str | Path, outside_layouts: bool = True) -> 
     return out
 
 
-def _sampling_conditioner(module: Any) -> Any:
+def sampling_conditioner(module: Any) -> Any:
     """The conditioner sampling uses: the EMA copy of a trained one, else the (frozen) one itself."""
     ema = getattr(module, "text_encoder_ema", None)
     return ema.model if ema is not None else getattr(module, "text_encoder", None)
@@ -140,7 +140,7 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "unet" not in hparams:
         raise ValueError(f"{path}: not a stage=ldm Lightning checkpoint (no LatentDiffusionModule hyper_parameters)")
-    return _plain(dict(hparams))
+    return plain(dict(hparams))
 
 
 def latent_factor(hparams: dict[str, Any]) -> int:

@@ -18,6 +18,7 @@ import torch
 from ldm.checkpoints import scheduler as sched
 from ldm.checkpoints import text_encoder as te
 from ldm.checkpoints import unet as unet_ckpt
+from ldm.checkpoints.files import save_safetensors, write_json
 
 MODEL_INDEX = "model_index.json"
 SD_SCALE_FACTOR = 0.18215
@@ -79,7 +80,7 @@ def _load_diffusers(path: Path) -> Pretrained:
     unet_dir = path / "unet"
     config = unet_ckpt.config_from_diffusers(json.loads((unet_dir / unet_ckpt.DIFFUSERS_CONFIG).read_text()),
                                              str(unet_dir / unet_ckpt.DIFFUSERS_CONFIG))
-    state = unet_ckpt.diffusers_to_compvis(unet_ckpt._read_diffusers_weights(unet_dir), config)
+    state = unet_ckpt.diffusers_to_compvis(unet_ckpt.read_diffusers_weights(unet_dir), config)
     text_config, text_state = te.load_transformers(path / "text_encoder")
     sched_file = path / "scheduler" / "scheduler_config.json"
     settings = sched.settings_from_scheduler(json.loads(sched_file.read_text()), str(sched_file))
@@ -127,10 +128,10 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 def pipeline_text_encoder(module: Any) -> Any:
     """The OpenCLIP tower a pipeline export carries; ValueError (the reason) for models a pipeline cannot express."""
-    from ldm.checkpoints.bundle import _sampling_conditioner
+    from ldm.checkpoints.bundle import sampling_conditioner
     from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
 
-    encoder = _sampling_conditioner(module)
+    encoder = sampling_conditioner(module)
     if not isinstance(encoder, OpenCLIPTextEncoder):
         kind = (module.hparams.get("text_encoder") or {}).get("kind")
         raise ValueError(f"text_encoder kind={kind}: StableDiffusionPipeline conditions on CLIP text only "
@@ -148,8 +149,6 @@ def save_pipeline(module: Any, directory: str | Path) -> Path:
     """Complete a diffusers StableDiffusionPipeline folder whose unet/ and vae/ are already written.
 
     model_index.json comes last, so a folder without it was never a pipeline."""
-    from ldm.checkpoints.unet import _write_json
-
     directory = Path(directory)
     encoder = pipeline_text_encoder(module)
     for part in ("unet", "vae"):
@@ -158,14 +157,14 @@ def save_pipeline(module: Any, directory: str | Path) -> Path:
     te.save_transformers(encoder, directory / "text_encoder")
     te.save_tokenizer(directory / "tokenizer", encoder.context_length, encoder.pad_id)
     hp = module.hparams
-    _write_json(sched.scheduler_config(hp.prediction_type, dict(hp.schedule or {})),
+    write_json(sched.scheduler_config(hp.prediction_type, dict(hp.schedule or {})),
                 directory / "scheduler" / "scheduler_config.json")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": sched._diffusers_version(),
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
              "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    _write_json(index, directory / MODEL_INDEX)
+    write_json(index, directory / MODEL_INDEX)
     return directory
 
 
@@ -173,20 +172,20 @@ def save_single_file(module: Any, path: str | Path) -> Path:
     """A Stable Diffusion single file (SD 1 or SD 2 key names by the text tower) with the EMA UNet, the
     autoencoder and the text encoder; our settings ride along in the safetensors metadata."""
     from ldm.checkpoints.autoencoder import COMPVIS_PREFIX as AE_PREFIX
-    from ldm.checkpoints.bundle import _plain
+    from ldm.checkpoints.bundle import plain
 
     encoder = pipeline_text_encoder(module)
     unet = module.ema.model
     state = {unet_ckpt.LDM_PREFIX + k: v for k, v in unet.state_dict().items()}
     state.update({AE_PREFIX + k: v for k, v in module.autoencoder.state_dict().items()})
     state.update(te.to_compvis(te.tower_state(encoder), sd_style(encoder)))
-    hp = _plain(dict(module.hparams))
+    hp = plain(dict(module.hparams))
     text_config = {**hp["text_encoder"], "model_name": None, "pretrained": None, "width": encoder.output_dim,
                    "heads": encoder.transformer.resblocks[0].attn.num_heads,
                    "layers": len(encoder.transformer.resblocks), "context_length": encoder.context_length,
                    "act": encoder.act, "pad_id": encoder.pad_id}
-    meta = {"unet": _plain(unet.config), "text_encoder": text_config, "prediction_type": hp["prediction_type"],
+    meta = {"unet": plain(unet.config), "text_encoder": text_config, "prediction_type": hp["prediction_type"],
             "schedule": hp.get("schedule"), "scale_factor": float(module.scale_factor)}
     metadata = {"format": "pt", **{META + k: json.dumps(v) for k, v in meta.items()}}
-    return unet_ckpt._save_safetensors(state, Path(path), metadata)
+    return save_safetensors(state, Path(path), metadata)
 

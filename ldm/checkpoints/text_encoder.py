@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoints.files import atomic_write
+from ldm.checkpoints.files import atomic_write, save_safetensors, write_json
 
 HF_PREFIX = "text_model."  # transformers < 5.6 nest CLIPTextModel's weights under it, and published files do
 COMPVIS_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
@@ -176,13 +176,11 @@ def transformers_config(encoder: Any) -> dict[str, Any]:
 
 def save_transformers(encoder: Any, directory: str | Path) -> Path:
     """A `text_encoder/` folder `transformers.CLIPTextModel.from_pretrained` loads (config.json + model.safetensors)."""
-    from ldm.checkpoints.unet import _save_safetensors, _write_json
-
     directory = Path(directory)
     config = transformers_config(encoder)
     state = openclip_to_transformers(tower_state(encoder), config["num_hidden_layers"])
-    _save_safetensors(state, directory / WEIGHTS_NAME, {"format": "pt"})
-    _write_json(config, directory / CONFIG_NAME)
+    save_safetensors(state, directory / WEIGHTS_NAME, {"format": "pt"})
+    write_json(config, directory / CONFIG_NAME)
     return directory
 
 
