@@ -18,8 +18,12 @@ DEFAULT_SCHEDULE = {"beta_schedule": "scaled_linear", "num_train_timesteps": 100
 def scheduler_config(prediction_type: str, schedule: dict[str, Any] | None) -> dict[str, Any]:
     """A DDIMScheduler config sampling like our DDIM; ValueError for what a diffusers scheduler cannot express."""
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type={prediction_type!r}: StableDiffusionPipeline samples discrete-time "
-                         f"diffusion (epsilon or v_prediction); a flow model would need another pipeline")
+        # Checked against diffusers 0.42: FlowMatchEulerDiscreteScheduler has no scale_model_input (which
+        # StableDiffusionPipeline calls) and spaces 4 steps as sigmas 1, .667, .334, .001 where our Euler uses
+        # 1, .75, .5, .25, so diffusers would not draw our picture.
+        raise ValueError(f"prediction_type={prediction_type!r}: StableDiffusionPipeline cannot sample it as we do "
+                         f"(FlowMatchEulerDiscreteScheduler lacks scale_model_input and spaces its sigmas down to "
+                         f"1/num_train_timesteps, ours down to 0); epsilon and v_prediction models export")
     s = {**DEFAULT_SCHEDULE, **(schedule or {})}
     return {"_class_name": "DDIMScheduler", "_diffusers_version": _diffusers_version(),
             "num_train_timesteps": int(s["num_train_timesteps"]), "beta_start": float(s["beta_start"]),
