@@ -2,7 +2,8 @@
 
 One table of beta-schedule names serves both directions. We write a `DDIMScheduler` with "trailing" timestep
 spacing and `set_alpha_to_one`, which is exactly our DDIM sampler (ldm.diffusion.samplers.ddim_timesteps), so
-diffusers draws our picture from the same seed.
+diffusers draws our picture from the same seed, for step counts that divide num_train_timesteps: diffusers
+steps from t to t - num_train_timesteps // steps, which is its next timestep only then.
 """
 
 from __future__ import annotations
