@@ -134,8 +134,12 @@ def test_published_single_file_without_our_metadata(trained, tmp_path):
     from ldm.checkpoints.pipeline import SD_SCALE_FACTOR, load_pretrained
 
     style, _original, work, export, _ = trained
-    save_file(load_file(str(export / "sd.safetensors")), str(tmp_path / "plain.safetensors"))  # metadata gone
+    state = load_file(str(export / "sd.safetensors"))
+    save_file(state, str(tmp_path / "plain.safetensors"))  # our metadata gone
+    torch.save({"state_dict": state}, tmp_path / "plain.ckpt")
     found, reference = load_pretrained(tmp_path / "plain.safetensors"), load_pretrained(work / "original")
+    from_ckpt = load_pretrained(tmp_path / "plain.ckpt")
+    assert from_ckpt.unet_config == found.unet_config and from_ckpt.text_config == found.text_config
     for key in ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                 "attention_resolutions", "transformer_depth", "context_dim"):
         assert found.unet_config[key] == reference.unet_config[key], key
