@@ -71,8 +71,6 @@ def _load_bundle(path: Path) -> Pretrained:
 
 
 def _load_diffusers(path: Path) -> Pretrained:
-    from ldm.autoencoder.model import AutoencoderKL
-
     index = json.loads((path / MODEL_INDEX).read_text())
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
     if missing:
@@ -84,7 +82,7 @@ def _load_diffusers(path: Path) -> Pretrained:
     text_config, text_state = te.load_transformers(path / "text_encoder")
     sched_file = path / "scheduler" / "scheduler_config.json"
     settings = sched.settings_from_scheduler(json.loads(sched_file.read_text()), str(sched_file))
-    scaling = AutoencoderKL.from_pretrained(path).scaling_factor
+    scaling = json.loads((path / "vae" / "config.json").read_text()).get("scaling_factor")  # weights load later
     settings["scale_factor"] = float(scaling or SD_SCALE_FACTOR)
     return Pretrained(str(path), config, state, text_config, text_state, path, settings)
 
