@@ -1,8 +1,9 @@
 """Export a stage=ldm checkpoint for other tools: `python -m ldm.export --ckpt PATH --out DIR`.
 
-Writes the EMA UNet and the autoencoder as diffusers folders (DIR/diffusers/unet, DIR/diffusers/vae), as
-Stable Diffusion (CompVis) safetensors (DIR/compvis/unet.safetensors, vae.safetensors) and as our bundle
-(unet.json + unet_ema.safetensors + autoencoder/), which `python sample.py ckpt=DIR` loads. train.py
+Writes our bundle (unet.json + unet_ema.safetensors + autoencoder/), which `python sample.py ckpt=DIR` loads,
+a diffusers StableDiffusionPipeline folder (DIR/diffusers: unet, vae, text_encoder, tokenizer, scheduler), a
+Stable Diffusion single file (DIR/sd.safetensors, for ComfyUI and AUTOMATIC1111) and the EMA UNet and the
+autoencoder with CompVis key names (DIR/compvis/unet.safetensors, vae.safetensors). train.py
 stage=ldm writes the same folder into its run directory at the end of training.
 """
 

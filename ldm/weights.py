@@ -131,7 +131,7 @@ def needed_weights(cfg: Any) -> list[Weight]:
     hub = cache / "torch" / "hub" / "checkpoints"
     module = cfg.stage.module
     needed: list[Weight] = []
-    if cfg.stage.name == "ldm":
+    if cfg.stage.name == "ldm" and not cfg.model.get("init_from"):  # with init_from the text tower is in the files
         text = cfg.model.text_encoder
         if text.get("kind", "openclip") == "openclip" and text.get("model_name") and text.get("pretrained"):
             needed.append(_openclip(cache, "model.text_encoder.pretrained", str(text.model_name), str(text.pretrained),

@@ -7,7 +7,9 @@ export/
   unet_ema.safetensors      EMA UNet weights, our (CompVis) names: UNetModel.from_pretrained(export, use_ema=True)
   autoencoder/              our autoencoder export: AutoencoderKL.from_pretrained(export / "autoencoder")
   text_encoder.safetensors  the conditioner (EMA copy when it trained), unless it is a frozen published OpenCLIP model
-  diffusers/unet, diffusers/vae    diffusers folders (UNet2DConditionModel / AutoencoderKL)
+  diffusers/                a StableDiffusionPipeline folder: model_index.json, unet/, vae/, text_encoder/ (CLIPTextModel),
+                            tokenizer/ (CLIPTokenizer), scheduler/ (DDIMScheduler sampling as our DDIM)
+  sd.safetensors            a Stable Diffusion single file (SD 1 or SD 2 key names) for ComfyUI and AUTOMATIC1111
   compvis/unet.safetensors, compvis/vae.safetensors    Stable Diffusion (CompVis) key names
 ```
 
@@ -34,16 +36,16 @@ def is_bundle(path: str | Path) -> bool:
     return path.is_dir() and (path / BUNDLE_CONFIG).is_file() and (path / EMA_WEIGHTS).is_file()
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """hparams -> JSON: tuples to lists, OmegaConf containers to plain ones."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -69,11 +71,11 @@ def write_bundle(module: Any, out: str | Path, outside_layouts: bool = True) -> 
     unet = module.ema.model
     _save_tensors(unet.state_dict(), out / EMA_WEIGHTS)
     module.autoencoder.save_pretrained(out / "autoencoder")
-    hparams = _plain(dict(module.hparams))
-    conditioner = _sampling_conditioner(module)
+    hparams = plain(dict(module.hparams))
+    conditioner = sampling_conditioner(module)
     if conditioner is not None and not _is_published_frozen(hparams.get("text_encoder") or {}):
         _save_tensors(conditioner.state_dict(), out / TEXT_WEIGHTS)
-    meta = {"unet": _plain(unet.config), "scale_factor": float(module.scale_factor),
+    meta = {"unet": plain(unet.config), "scale_factor": float(module.scale_factor),
             "prediction_type": hparams.get("prediction_type"), "schedule": hparams.get("schedule"),
             "module": hparams}
     atomic_write(out / BUNDLE_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -82,7 +84,7 @@ def write_bundle(module: Any, out: str | Path, outside_layouts: bool = True) -> 
     return out
 
 
-def _sampling_conditioner(module: Any) -> Any:
+def sampling_conditioner(module: Any) -> Any:
     """The conditioner sampling uses: the EMA copy of a trained one, else the (frozen) one itself."""
     ema = getattr(module, "text_encoder_ema", None)
     return ema.model if ema is not None else getattr(module, "text_encoder", None)
@@ -95,8 +97,10 @@ def _is_published_frozen(config: dict[str, Any]) -> bool:
 
 
 def write_outside_layouts(module: Any, out: str | Path) -> list[Path]:
-    """diffusers folders and CompVis safetensors of the EMA UNet and the autoencoder; returns what was written."""
+    """diffusers folders and CompVis safetensors of the EMA UNet and the autoencoder, and (when a
+    StableDiffusionPipeline can express the model) the whole pipeline and an SD single file."""
     from ldm.checkpoints import autoencoder as ae_ckpt
+    from ldm.checkpoints import pipeline
     from ldm.checkpoints import unet as unet_ckpt
 
     out = Path(out)
@@ -106,7 +110,9 @@ def write_outside_layouts(module: Any, out: str | Path) -> list[Path]:
     jobs = [("diffusers UNet", lambda: unet_ckpt.save_diffusers(unet, out / "diffusers" / "unet", sample_size=size)),
             ("diffusers autoencoder", lambda: ae_ckpt.save_diffusers(ae, out / "diffusers" / "vae", scale)),
             ("CompVis UNet", lambda: unet_ckpt.save_compvis(unet, out / "compvis" / "unet.safetensors")),
-            ("CompVis autoencoder", lambda: ae_ckpt.save_compvis(ae, out / "compvis" / "vae.safetensors"))]
+            ("CompVis autoencoder", lambda: ae_ckpt.save_compvis(ae, out / "compvis" / "vae.safetensors")),
+            ("diffusers pipeline", lambda: pipeline.save_pipeline(module, out / "diffusers")),
+            ("SD single file", lambda: pipeline.save_single_file(module, out / "sd.safetensors"))]
     written = []
     for what, save in jobs:
         try:
@@ -134,7 +140,7 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "unet" not in hparams:
         raise ValueError(f"{path}: not a stage=ldm Lightning checkpoint (no LatentDiffusionModule hyper_parameters)")
-    return _plain(dict(hparams))
+    return plain(dict(hparams))
 
 
 def latent_factor(hparams: dict[str, Any]) -> int:

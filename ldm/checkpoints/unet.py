@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoints.files import atomic_write
+from ldm.checkpoints.files import atomic_write, save_safetensors, write_json
 from ldm.diffusion.unet import PRESETS, UNetModel
 
 LDM_PREFIX = "model.diffusion_model."
@@ -265,7 +265,7 @@ def _diffusers_dir(path: Path) -> Path | None:
     return None
 
 
-def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in (DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"):
         if (folder / name).is_file():
             return read_state_file(folder / name)
@@ -335,7 +335,7 @@ def load_unet(path: str | os.PathLike, use_ema: bool = False, **arch: Any) -> UN
                                     f"UNet folder ({DIFFUSERS_CONFIG} + {DIFFUSERS_WEIGHTS}, or unet/ below it)")
         config = _merge(config_from_diffusers(json.loads((folder / DIFFUSERS_CONFIG).read_text()),
                                               str(folder / DIFFUSERS_CONFIG)), arch)
-        state = diffusers_to_compvis(_read_diffusers_weights(folder), config)
+        state = diffusers_to_compvis(read_diffusers_weights(folder), config)
         return load_into(config, state, str(folder))
     state = unet_state_from_checkpoint(read_state_file(path), use_ema, str(path))
     if "conv_in.weight" in state:  # a diffusers-layout state dict in a single file
@@ -363,35 +363,42 @@ def guess_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         config["context_dim"] = to_k.shape[1]
     if "label_emb.weight" in state:
         config["num_classes"] = state["label_emb.weight"].shape[0]
+    config.update(_levels(state, config["model_channels"]))
     return config
+
+
+def _levels(state: dict[str, torch.Tensor], model_channels: int) -> dict[str, Any]:
+    """channel_mult, num_res_blocks, attention_resolutions and transformer_depth from the input blocks' keys."""
+    levels: list[list[int]] = [[]]  # input-block indices of each level's res blocks
+    n = 1
+    while f"input_blocks.{n}.0.op.weight" in state or f"input_blocks.{n}.0.in_layers.0.weight" in state:
+        if f"input_blocks.{n}.0.op.weight" in state:
+            levels.append([])
+        else:
+            levels[-1].append(n)
+        n += 1
+    if n == 1 or not levels[0]:
+        return {}
+    mult = [state[f"input_blocks.{blocks[0]}.0.out_layers.3.weight"].shape[0] // model_channels for blocks in levels]
+    attn = [2 ** i for i, blocks in enumerate(levels) if f"input_blocks.{blocks[0]}.1.norm.weight" in state]
+    out: dict[str, Any] = {"channel_mult": mult, "num_res_blocks": len(levels[0]), "attention_resolutions": attn}
+    if attn:
+        first = levels[attn[0].bit_length() - 1][0]
+        depth = 0
+        while f"input_blocks.{first}.1.transformer_blocks.{depth}.norm1.weight" in state:
+            depth += 1
+        out["transformer_depth"] = depth
+    return out
 
 
 # ---------------------------------------------------------------- writing
 
 
-def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    seen: set[int] = set()
-    out = {}
-    for k, v in state.items():  # safetensors refuses shared storage (e.g. a live and an EMA copy of one model)
-        v = v.detach().cpu().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    state = out
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-
-
-def _write_json(obj: dict[str, Any], path: Path) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def save_pretrained(model: UNetModel, directory: str | os.PathLike) -> Path:
     """Our own format: `unet.json` ({"unet": kwargs}) + `unet.safetensors`; weights first, config last."""
     directory = Path(directory)
-    _save_safetensors(model.state_dict(), directory / OUR_WEIGHTS, {"format": "pt"})
-    _write_json({"unet": model.config}, directory / OUR_CONFIG)
+    save_safetensors(model.state_dict(), directory / OUR_WEIGHTS, {"format": "pt"})
+    write_json({"unet": model.config}, directory / OUR_CONFIG)
     return directory
 
 
@@ -399,9 +406,9 @@ def save_diffusers(model: UNetModel, directory: str | os.PathLike, sample_size: 
     """A folder `diffusers.UNet2DConditionModel.from_pretrained` loads with no missing or unexpected keys."""
     directory = Path(directory)
     config = diffusers_config(model.config, sample_size)
-    _save_safetensors(compvis_to_diffusers(model.state_dict(), model.config), directory / DIFFUSERS_WEIGHTS,
+    save_safetensors(compvis_to_diffusers(model.state_dict(), model.config), directory / DIFFUSERS_WEIGHTS,
                       {"format": "pt"})
-    _write_json(config, directory / DIFFUSERS_CONFIG)
+    write_json(config, directory / DIFFUSERS_CONFIG)
     return directory
 
 
@@ -417,5 +424,5 @@ def save_compvis(model: UNetModel, path: str | os.PathLike, ema: UNetModel | Non
         state.update({EMA_PREFIX + "diffusion_model" + k.replace(".", ""): v.detach().cpu().contiguous()
                       for k, v in ema.state_dict().items() if k in params})
     if path.suffix == ".safetensors":
-        return _save_safetensors(state, path, {"format": "pt"})
+        return save_safetensors(state, path, {"format": "pt"})
     return atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))

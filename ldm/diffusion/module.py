@@ -43,7 +43,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.autoencoder.requires_grad_(False).eval()
         # OpenCLIP text (frozen by default), a learned class embedding, or nothing (see ldm.conditioning).
         self.text_encoder = build_conditioner(text_encoder)
-        arch = dict(unet)
+        arch = {k: v for k, v in unet.items() if k != "init_from"}  # model.unet.init_from: loaded by ldm.train
         arch["in_channels"] = arch.get("in_channels") or self.autoencoder.latent_channels
         arch["out_channels"] = arch.get("out_channels") or self.autoencoder.latent_channels
         arch["context_dim"] = arch.get("context_dim") or self.text_encoder.output_dim

@@ -117,7 +117,12 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
         return instantiate(cfg.stage.module, _convert_="all", **extra)
     if cfg.stage.name == "ldm":
-        path = resolve_autoencoder_path(cfg)
+        from ldm.train.init_from import load_weights, plan_init
+
+        plan = plan_init(cfg, _task_overrides())  # model.init_from / model.unet.init_from
+        if plan is not None:
+            cfg = plan.apply(cfg)
+        path = Path(plan.autoencoder_path) if plan and plan.autoencoder_path else resolve_autoencoder_path(cfg)
         from ldm.autoencoder.model import AutoencoderKL
 
         try:
@@ -125,6 +130,8 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"model.autoencoder.init_from={path}: cannot load an autoencoder: {err}") from err
         ae_config = dict(autoencoder.config)
+        if plan is not None:
+            plan.check_autoencoder(cfg, ae_config)
         check_ldm(cfg, ae_config)
         ae_config["resolution"] = int(cfg.data.resolution)  # samples are drawn at the data's size
         extra: dict[str, Any] = {"autoencoder": ae_config, "autoencoder_path": str(path)}
@@ -135,7 +142,10 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
 
             extra["val_prompts"] = prompt_set(int(cfg.stage.num_val_prompts), seed=cfg.seed)
             extra["score_shapes"] = True
-        return instantiate(cfg.stage.module, _convert_="all", **extra)
+        module = instantiate(cfg.stage.module, _convert_="all", **extra)
+        if plan is not None:
+            load_weights(module, plan)
+        return module
     raise ConfigError(f"stage={cfg.stage.name!r}: choose vae or ldm")
 
 
@@ -172,7 +182,7 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
 
         out = write_bundle(module, run_dir / "export")
         print(f"[ldm] EMA UNet, autoencoder and settings exported to {out} (python sample.py ckpt={out}; "
-              f"also diffusers/ and compvis/)")
+              f"also diffusers/, sd.safetensors and compvis/)")
 
 
 def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
