@@ -138,7 +138,8 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         if autoencoder.scaling_factor and cfg.stage.module.get("scale_factor") is None:
             extra["scale_factor"] = float(autoencoder.scaling_factor)  # e.g. SD's 0.18215 from a diffusers config
         if cfg.data.get("name") == "shapes" and cfg.model.text_encoder.get("kind", "openclip") == "openclip":
-            from ldm.data.shapes import prompt_set  # captions as prompts: a class or no conditioner takes none
+            # shapes captions as prompts (a class or no conditioner takes none)
+            from ldm.data.shapes import prompt_set
 
             extra["val_prompts"] = prompt_set(int(cfg.stage.num_val_prompts), seed=cfg.seed)
             extra["score_shapes"] = True
