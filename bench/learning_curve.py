@@ -131,11 +131,12 @@ def confusion(images: torch.Tensor, prompts: list[str]) -> dict[str, list[tuple[
     return {k: [(w, g, n) for (w, g), n in c.most_common(6)] for k, c in errors.items()}
 
 
-def evaluate(module: Any, prompts: list[str], guidance: float | None = None) -> tuple[dict[str, float], Any]:
+def evaluate(module: Any, prompts: list[str], guidance: float | None = None, steps: int | None = None
+             ) -> tuple[dict[str, float], Any]:
     from ldm.data.analyze import prompt_accuracy
 
     module.eval()
-    images = module.generate(prompts, seed=0, guidance_scale=guidance)
+    images = module.generate(prompts, seed=0, guidance_scale=guidance, num_inference_steps=steps)
     module.train()
     return {k: round(float(v), 3) for k, v in prompt_accuracy(images, prompts).items()}, images
 
@@ -175,17 +176,17 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
         train_s += time.perf_counter() - start
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             t0 = time.perf_counter()
-            acc, images = evaluate(module, prompts)
+            acc, images = evaluate(module, prompts, steps=args.sample_steps)
             row = {"recipe": name, "step": step + 1, "samples": (step + 1) * batch, "batch": batch,
                    "train_s": round(train_s, 1), "s_per_step": round(train_s / (step + 1), 4),
                    "eval_s": round(time.perf_counter() - t0, 1), "loss": round(float(loss), 4),
                    "unet_params_m": round(unet_params / 1e6, 2), "f": module.autoencoder.downsample_factor,
-                   "sampler": f"{module.hparams.sampler}{module.hparams.num_inference_steps}",
+                   "sampler": f"{module.hparams.sampler}{args.sample_steps or module.hparams.num_inference_steps}",
                    "guidance": module.hparams.guidance_scale, **acc, "overrides": overrides}
             if step + 1 == args.steps:
                 row["confusion"] = confusion(images, prompts)
                 for scale in args.guidance:
-                    row[f"all@g{scale}"] = evaluate(module, prompts, guidance=scale)[0]
+                    row[f"all@g{scale}"] = evaluate(module, prompts, guidance=scale, steps=args.sample_steps)[0]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("overrides", "confusion")}), flush=True)
     return rows
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the recipe's)")
     ap.add_argument("--guidance", type=float, nargs="*", default=[], help="also score the last model at these")
     ap.add_argument("--f2", default=str(ROOT / "exports" / "autoencoder"), help="the f2 autoencoder export")
     ap.add_argument("--f4", default=str(ROOT / "runs" / "bench" / "exports_f4" / "autoencoder"))
