@@ -47,7 +47,8 @@ def test_vae_then_ldm_then_sample(workdir):
     # notice, as nn.Module.compile keeps the state-dict keys.
     proc = run_script("train.py", "stage=ldm", *common, "trainer.max_steps=4", "trainer.val_check_interval=4",
                       "stage.num_val_prompts=4", "stage.module.num_inference_steps=3",
-                      "stage.module.metrics.num_samples=6", "perf.compile=true", "perf.compile_backend=aot_eager",
+                      "stage.module.metrics.num_samples=6", "trainer.limit_val_batches=2", "perf.compile=true",
+                      "perf.compile_backend=aot_eager",
                       cwd=work)
     assert "[ldm] perf: compile unet (aot_eager, default)" in proc.stdout
     finished = list((work / "runs" / "ldm").glob("*/summary.json"))  # the failed start above left a dir too
