@@ -53,7 +53,8 @@ RECIPES: dict[str, list[str]] = {
     "shapes_bs16": [*SHAPES, "data.batch_size=16"],
     "shapes_bs64": [*SHAPES, "data.batch_size=64"],
     "shapes_ema0.999": [*SHAPES, "stage.module.ema_decay=0.999"],
-    "shapes_attn_low": [*SHAPES, "model.unet.attention_resolutions=[2,4]"],
+    "shapes_attn_full": [*SHAPES, "model.unet.attention_resolutions=[1,2,4]"],
+    "shapes_lr2e-3": [*SHAPES, "stage.module.lr=2e-3"],
     "shapes_wide": [*SHAPES, "model.unet.model_channels=64"],
     "shapes_depth2": [*SHAPES, "model.unet.num_res_blocks=2"],
     # compression factor at equal UNet settings (the shapes recipe): pixel space, f2, f4
