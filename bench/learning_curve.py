@@ -190,6 +190,8 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
                     row[f"all@g{scale}"] = evaluate(module, prompts, guidance=scale, steps=args.sample_steps)[0]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("overrides", "confusion")}), flush=True)
+            with (args.out / "curves.jsonl").open("a") as f:  # as it comes: a stopped run keeps its rows
+                f.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -244,10 +246,7 @@ def main() -> None:
     data = {"images": images, "captions": captions, "moments": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.recipes.split(","):
-        rows = run_recipe(name, RECIPES[name], args, data)
-        with log.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        run_recipe(name, RECIPES[name], args, data)
     print(table([r for line in log.read_text().splitlines() if line.strip()
                  for r in [json.loads(line)] if r["recipe"] in args.recipes.split(",")]))
 
