@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"epsilon": [], "v_prediction": ["experiment=v_prediction"], "flow": ["experiment=flow"]}
+# ~recipe: the paper's defaults, not the built-in shapes recipe (conf/recipe/shapes_*.yaml)
+RUNS = {"epsilon": ["~recipe"], "v_prediction": ["~recipe", "experiment=v_prediction"],
+        "flow": ["~recipe", "experiment=flow"]}
 SAMPLERS = {"epsilon": [("ddim", 50), ("dpmpp_2m", 20)], "v_prediction": [("ddim", 50), ("dpmpp_2m", 20)],
             "flow": [("euler", 50), ("heun", 10)]}
 
@@ -60,7 +62,7 @@ def main() -> None:
     out = args.out.resolve()
     report: dict = {"train_seconds": {}, "results": {}}
     if not args.skip_train and not (out / "exports" / "autoencoder").exists():
-        report["train_seconds"]["vae"] = round(train(out, "vae", "vae", []))
+        report["train_seconds"]["vae"] = round(train(out, "vae", "vae", ["~recipe"]))
     for name in args.only.split(","):
         if not args.skip_train:
             report["train_seconds"][name] = round(train(out, "ldm", name, RUNS[name]))

@@ -25,7 +25,7 @@ def test_default_is_stage_vae_on_shapes():
 
 
 def test_stage_ldm_composes_with_presets():
-    cfg = compose_train("stage=ldm", "model/unet=sd15", "model/text_encoder=openclip_vit_h14")
+    cfg = compose_train("stage=ldm", "model/unet=sd15", "model/text_encoder=openclip_vit_h14", "~recipe")
     assert cfg.stage.name == "ldm"
     assert cfg.stage.module.unet.model_channels == 320
     assert cfg.stage.module.text_encoder.model_name == "ViT-H-14"
@@ -92,3 +92,16 @@ def test_stage_ldm_starts_from_sd_and_diffusers_autoencoders(tmp_path, layout):
     cfg = compose_train("stage=ldm", f"model.autoencoder.init_from={tmp_path}/missing.ckpt")
     with pytest.raises(ConfigError, match="missing.ckpt"):
         build_module(cfg)
+
+
+def test_shapes_recipe_applies_to_shapes_data_only():
+    """conf/recipe/shapes_ldm.yaml is the built-in run's recipe; other data keep the paper's defaults."""
+    shapes = compose_train("stage=ldm")
+    assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler"
+    assert shapes.model.text_encoder.freeze is False
+    for cfg in (compose_train("stage=ldm", "data=webdataset"), compose_train("stage=ldm", "~recipe")):
+        assert cfg.stage.module.prediction_type == "epsilon" and cfg.stage.module.sampler == "ddim"
+        assert cfg.model.text_encoder.freeze is True
+    assert compose_train("stage=ldm", "stage.module.lr=7e-4").stage.module.lr == 7e-4  # the command line wins
+    assert compose_train("stage=ldm", "experiment=v_prediction").stage.module.sampler == "ddim"  # presets too
+    assert "prediction_type" not in compose_train().stage.module  # stage=vae: nothing of stage 2's recipe

@@ -146,8 +146,10 @@ def test_zero_terminal_snr_needs_v_prediction():
     from .conftest import ROOT
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose(config_name="train", overrides=["stage=ldm", "stage.module.schedule.rescale_zero_terminal_snr=true"])
-        ok = compose(config_name="train", overrides=["stage=ldm", "stage.module.schedule.rescale_zero_terminal_snr=true",
+        cfg = compose(config_name="train", overrides=["stage=ldm", "~recipe",
+                                                      "stage.module.schedule.rescale_zero_terminal_snr=true"])
+        ok = compose(config_name="train", overrides=["stage=ldm", "~recipe",
+                                                     "stage.module.schedule.rescale_zero_terminal_snr=true",
                                                      "stage.module.prediction_type=v_prediction"])
     ae = {"ch_mult": [1, 2], "resolution": 32, "attn_resolutions": []}
     with pytest.raises(ConfigError, match="v_prediction"):

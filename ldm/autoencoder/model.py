@@ -101,6 +101,11 @@ class AutoencoderKL(nn.Module):
           the architecture is read off the tensor shapes.
         `arch` overrides ddconfig keys. Pickles are loaded with `weights_only=True` only.
         """
+        from ldm.autoencoder.identity import read_identity_export
+
+        identity = read_identity_export(path)
+        if identity is not None:  # pixel space: a config, no weights
+            return identity
         from ldm.checkpoints.autoencoder import load_autoencoder
 
         loaded = load_autoencoder(path, **arch)

@@ -17,7 +17,8 @@ class ClassEmbedder(nn.Module):
     """A learned embedding per class as a single context token: the paper's class-conditional ImageNet
     LDM (cross-attention to the class embedding). Index `num_classes` is the learned "no class" token."""
 
-    def __init__(self, num_classes: int, embed_dim: int = 512, class_names: Sequence[str] | None = None):
+    def __init__(self, num_classes: int, embed_dim: int = 512, class_names: Sequence[str] | None = None,
+                 freeze: bool = False):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"model.text_encoder.num_classes must be >= 1, got {num_classes}")
@@ -29,6 +30,7 @@ class ClassEmbedder(nn.Module):
         self._index = {name: i for i, name in enumerate(self.class_names or [])}
         self.embedding = nn.Embedding(num_classes + 1, embed_dim)
         self.output_dim = embed_dim
+        self.embedding.requires_grad_(not freeze)  # freeze: fixed random class vectors (as a frozen text tower)
 
     def labels(self, labels: Sequence[str | int]) -> torch.Tensor:
         """Class names or integer labels (as ints or text) -> indices; "" is the unconditional index."""

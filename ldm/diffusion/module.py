@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.autoencoder.distribution import DiagonalGaussian
+from ldm.autoencoder.identity import build_autoencoder
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.conditioning import build_conditioner
 from ldm.diffusion.ema import EMA
@@ -37,7 +38,7 @@ class LatentDiffusionModule(pl.LightningModule):
         check_sampler(sampler, prediction_type)
         # autoencoder_path only matters when training starts; a checkpoint carries the weights itself.
         self.save_hyperparameters(ignore=["autoencoder_path"])
-        self.autoencoder = AutoencoderKL(**{k: v for k, v in autoencoder.items() if k != "init_from"})
+        self.autoencoder = build_autoencoder(autoencoder)  # AutoencoderKL, or the identity (pixel space)
         if autoencoder_path:
             self.autoencoder.load_state_dict(AutoencoderKL.from_pretrained(autoencoder_path).state_dict())
         self.autoencoder.requires_grad_(False).eval()
@@ -121,11 +122,20 @@ class LatentDiffusionModule(pl.LightningModule):
         self._ensure_scale_factor(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        captions = list(batch["caption"])
-        cpu_gen, gen = self.step_generators(self.global_step)
+        loss, per_sample = self.diffusion_loss(self.posterior(batch), list(batch["caption"]), self.global_step)
+        skip_nonfinite(self, loss)  # non-finite on any rank: every rank drops this step's update (ldm.train.faults)
+        self.log("train/loss", loss, prog_bar=True, batch_size=per_sample.shape[0])
+        self.log("train/mse", per_sample.mean().detach(), batch_size=per_sample.shape[0])
+        return loss
+
+    def diffusion_loss(self, posterior: DiagonalGaussian, captions: list[str], step: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted training loss of one batch and its per-sample error; every random draw (caption
+        dropout, posterior sample, timesteps, noise) comes from the generators of `step`."""
+        cpu_gen, gen = self.step_generators(step)
         drop = torch.rand(len(captions), generator=cpu_gen) < self.hparams.cond_drop_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        z0 = self.posterior(batch).sample(gen) * self.scale_factor
+        z0 = posterior.sample(gen) * self.scale_factor
         context = self.encode_text(captions)
         t = self.schedule.sample_timesteps(z0.shape[0], z0.device, generator=gen)
         noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
@@ -134,10 +144,7 @@ class LatentDiffusionModule(pl.LightningModule):
                                                                     device=z0.device, dtype=z0.dtype)
         per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
-        skip_nonfinite(self, loss)  # non-finite on any rank: every rank drops this step's update (ldm.train.faults)
-        self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
-        self.log("train/mse", per_sample.mean().detach(), batch_size=z0.shape[0])
-        return loss
+        return loss, per_sample
 
     def denoising_error(self, unet: torch.nn.Module, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                         context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,23 +110,31 @@ def resolve_resume(cfg: DictConfig, run_dir: Path | None = None) -> str | None:
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
+    pixel_space = cfg.model.autoencoder.get("kind") == "identity"
     if cfg.stage.name == "vae":
+        if pixel_space:
+            raise ConfigError("model/autoencoder=identity has nothing to train: run stage=ldm with it directly")
         check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
         extra = {"score_shapes": cfg.data.get("name") == "shapes"}
         if cfg.trainer.get("gradient_clip_val") and not cfg.stage.module.get("grad_clip"):
             extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
         return instantiate(cfg.stage.module, _convert_="all", **extra)
     if cfg.stage.name == "ldm":
+        from ldm.autoencoder.identity import IdentityAutoencoder
         from ldm.train.init_from import load_weights, plan_init
 
         plan = plan_init(cfg, _task_overrides())  # model.init_from / model.unet.init_from
         if plan is not None:
             cfg = plan.apply(cfg)
-        path = Path(plan.autoencoder_path) if plan and plan.autoencoder_path else resolve_autoencoder_path(cfg)
         from ldm.autoencoder.model import AutoencoderKL
 
+        if plan is not None and plan.autoencoder_path:
+            path = Path(plan.autoencoder_path)
+        else:
+            path = None if pixel_space else resolve_autoencoder_path(cfg)
         try:
-            autoencoder = AutoencoderKL.from_pretrained(path)
+            autoencoder = IdentityAutoencoder(**cfg.model.autoencoder) if pixel_space else (
+                AutoencoderKL.from_pretrained(path))
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"model.autoencoder.init_from={path}: cannot load an autoencoder: {err}") from err
         ae_config = dict(autoencoder.config)
@@ -134,7 +142,7 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             plan.check_autoencoder(cfg, ae_config)
         check_ldm(cfg, ae_config)
         ae_config["resolution"] = int(cfg.data.resolution)  # samples are drawn at the data's size
-        extra: dict[str, Any] = {"autoencoder": ae_config, "autoencoder_path": str(path)}
+        extra: dict[str, Any] = {"autoencoder": ae_config, "autoencoder_path": str(path) if path else None}
         if autoencoder.scaling_factor and cfg.stage.module.get("scale_factor") is None:
             extra["scale_factor"] = float(autoencoder.scaling_factor)  # e.g. SD's 0.18215 from a diffusers config
         if cfg.data.get("name") == "shapes" and cfg.model.text_encoder.get("kind", "openclip") == "openclip":
@@ -181,7 +189,8 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
     else:
         from ldm.checkpoints.bundle import write_bundle
 
-        out = write_bundle(module, run_dir / "export")
+        # diffusers and CompVis pipelines need a VAE: pixel-space models (identity) keep our own layout only.
+        out = write_bundle(module, run_dir / "export", outside_layouts=cfg.model.autoencoder.get("kind") != "identity")
         print(f"[ldm] EMA UNet, autoencoder and settings exported to {out} (python sample.py ckpt={out}; "
               f"also diffusers/, sd.safetensors and compvis/)")
 

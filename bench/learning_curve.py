@@ -1,0 +1,255 @@
+"""Prompt accuracy against training samples seen, one row per (recipe, evaluation): what makes stage 2 learn.
+
+Each recipe is a list of Hydra overrides on top of `stage=ldm` (the same config train.py composes). The
+module is built as train.py builds it and trained by a plain loop on the shapes training set held in memory,
+encoded once per autoencoder (as `data=latents` would do): the loss is the module's own `diffusion_loss`,
+the optimizer its `configure_optimizers`, EMA as in training. Every --eval-every steps the EMA model samples
+the 64 prompts `sample.py shapes_prompts=64` draws (the whole vocabulary: every colour and background 8 times)
+with the recipe's sampler, and the shapes analyzer scores them. Wall times are training only (sampling is
+reported apart); on a shared CPU they are noisy, samples seen are not.
+
+    python bench/learning_curve.py --recipes eps,flow --steps 600 --eval-every 200    # train, append rows
+    python bench/learning_curve.py --table                                             # print the table
+    python bench/learning_curve.py --list                                              # the recipes
+
+Results accumulate in --out/curves.jsonl (one JSON row per evaluation); --table prints them as markdown.
+`{f2}`, `{f4}` in a recipe stand for --f2 and --f4 (autoencoder exports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The built-in run's recipe is conf/experiment/shapes.yaml; "shapes" measures it, the others move one lever
+# at a time away from the paper's defaults (experiment=none) or from it.
+BASE = ["~recipe", "model.autoencoder.init_from={f2}"]
+SHAPES = ["model.autoencoder.init_from={f2}"]
+RECIPES: dict[str, list[str]] = {
+    # objective, from the paper's defaults (epsilon, frozen random text tower, tiny UNet, lr 1e-3, batch 16)
+    "eps": BASE,
+    "eps_offset": [*BASE, "stage.module.offset_noise=0.1"],
+    "v_zsnr": [*BASE, "+experiment=v_prediction"],
+    "flow": [*BASE, "+experiment=flow"],
+    # conditioner
+    "flow_text": [*BASE, "+experiment=flow", "model.text_encoder.freeze=false"],
+    "flow_class": [*BASE, "+experiment=flow", "model/text_encoder=class"],
+    # the built-in recipe and levers around it
+    "shapes": SHAPES,
+    "shapes_frozen_text": [*SHAPES, "model.text_encoder.freeze=true"],
+    "shapes_class": [*SHAPES, "model/text_encoder=class"],
+    "shapes_lr1e-3": [*SHAPES, "stage.module.lr=1e-3"],
+    "shapes_bs16": [*SHAPES, "data.batch_size=16"],
+    "shapes_bs64": [*SHAPES, "data.batch_size=64"],
+    "shapes_ema0.999": [*SHAPES, "stage.module.ema_decay=0.999"],
+    "shapes_attn_full": [*SHAPES, "model.unet.attention_resolutions=[1,2,4]"],
+    "shapes_lr2e-3": [*SHAPES, "stage.module.lr=2e-3"],
+    "shapes_wide": [*SHAPES, "model.unet.model_channels=64"],
+    "shapes_depth2": [*SHAPES, "model.unet.num_res_blocks=2"],
+    # compression factor at equal UNet settings (the shapes recipe): pixel space, f2, f4
+    "shapes_f1": ["model/autoencoder=identity"],
+    "shapes_f2": SHAPES,
+    "shapes_f4": ["model.autoencoder.init_from={f4}"],
+}
+
+
+def load_shapes(shards: Path, cache: Path) -> tuple[torch.Tensor, list[str]]:
+    """Every training image (uint8, N x 3 x H x W) and caption of the shapes shards, cached as one file."""
+    if cache.exists():
+        data = torch.load(cache)
+        return data["images"], data["captions"]
+    from PIL import Image
+
+    images, captions = [], []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(n for n in members if n.endswith(".png")):
+                key = name[:-4]
+                img = Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")
+                images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+                captions.append(tar.extractfile(members[key + ".txt"]).read().decode().strip())
+    data = {"images": torch.stack(images), "captions": captions}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, cache)
+    return data["images"], data["captions"]
+
+
+@torch.no_grad()
+def encode_all(autoencoder: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Posterior moments (mean, logvar) of every image: the encoder runs once per autoencoder."""
+    out = []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].float() / 127.5 - 1.0
+        post = autoencoder.encode(x)
+        out.append(torch.cat([post.mean, post.logvar], dim=1))
+    return torch.cat(out)
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose(config_name="train", overrides=["stage=ldm", "logger=csv", *overrides])
+
+
+def class_conditioner(cfg: Any) -> None:
+    """model/text_encoder=class on the shapes data: one class per caption (8 x 3 x 7 = 168)."""
+    from omegaconf import open_dict
+
+    from ldm.data.shapes import all_prompts
+
+    if cfg.model.text_encoder.get("kind") == "class":
+        with open_dict(cfg):
+            names = all_prompts()
+            cfg.model.text_encoder.num_classes = len(names)
+            cfg.model.text_encoder.class_names = names
+
+
+def confusion(images: torch.Tensor, prompts: list[str]) -> dict[str, list[tuple[str, str, int]]]:
+    """Per attribute, the (wanted, got, count) pairs the analyzer disagreed on, most frequent first."""
+    from ldm.data.analyze import analyze_image
+    from ldm.data.shapes import parse_caption
+
+    errors: dict[str, Counter] = {k: Counter() for k in ("color", "background", "shape")}
+    for image, prompt in zip(images, prompts, strict=True):
+        want, got = parse_caption(prompt), analyze_image(image)
+        for key, counter in errors.items():
+            if want[key] != got[key]:
+                counter[(want[key], got[key])] += 1
+    return {k: [(w, g, n) for (w, g), n in c.most_common(6)] for k, c in errors.items()}
+
+
+def evaluate(module: Any, prompts: list[str], guidance: float | None = None, steps: int | None = None
+             ) -> tuple[dict[str, float], Any]:
+    from ldm.data.analyze import prompt_accuracy
+
+    module.eval()
+    images = module.generate(prompts, seed=0, guidance_scale=guidance, num_inference_steps=steps)
+    module.train()
+    return {k: round(float(v), 3) for k, v in prompt_accuracy(images, prompts).items()}, images
+
+
+def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: dict[str, Any]) -> list[dict]:
+    from ldm.autoencoder.distribution import DiagonalGaussian
+    from ldm.data.shapes import prompt_set
+    from ldm.train.cli import build_module
+
+    cfg = compose([o.format(f2=args.f2, f4=args.f4) for o in overrides] + list(args.override))
+    class_conditioner(cfg)
+    torch.manual_seed(int(cfg.seed))
+    module = build_module(cfg)
+    ae_key = json.dumps(module.autoencoder.config, sort_keys=True) + str(cfg.model.autoencoder.get("init_from"))
+    if ae_key not in data["moments"]:
+        data["moments"][ae_key] = encode_all(module.autoencoder, data["images"])
+    moments = data["moments"][ae_key]
+    captions = data["captions"]
+    batch = int(cfg.data.batch_size)
+    module._ensure_scale_factor({"moments": moments[:batch]})
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    prompts = prompt_set(args.prompts, seed=0)
+    unet_params = sum(p.numel() for p in module.unet.parameters())
+    rows: list[dict] = []
+    train_s = 0.0
+    module.train()
+    for step in range(args.steps):
+        start = time.perf_counter()
+        idx = torch.randint(len(captions), (batch,), generator=torch.Generator().manual_seed(10_000 + step))
+        loss, _ = module.diffusion_loss(DiagonalGaussian(moments[idx]), [captions[i] for i in idx], step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        _ema_update(module)
+        train_s += time.perf_counter() - start
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            t0 = time.perf_counter()
+            acc, images = evaluate(module, prompts, steps=args.sample_steps)
+            row = {"recipe": name, "step": step + 1, "samples": (step + 1) * batch, "batch": batch,
+                   "train_s": round(train_s, 1), "s_per_step": round(train_s / (step + 1), 4),
+                   "eval_s": round(time.perf_counter() - t0, 1), "loss": round(float(loss), 4),
+                   "unet_params_m": round(unet_params / 1e6, 2), "f": module.autoencoder.downsample_factor,
+                   "sampler": f"{module.hparams.sampler}{args.sample_steps or module.hparams.num_inference_steps}",
+                   "guidance": module.hparams.guidance_scale, **acc, "overrides": overrides}
+            if step + 1 == args.steps:
+                row["confusion"] = confusion(images, prompts)
+                for scale in args.guidance:
+                    row[f"all@g{scale}"] = evaluate(module, prompts, guidance=scale, steps=args.sample_steps)[0]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("overrides", "confusion")}), flush=True)
+            with (args.out / "curves.jsonl").open("a") as f:  # as it comes: a stopped run keeps its rows
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def _ema_update(module: Any) -> None:
+    module.ema.update(module.unet)
+    if module.text_encoder_ema is not None:
+        module.text_encoder_ema.update(module.text_encoder)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| recipe | f | step | samples seen | train s | s/step | colour | background | shape | all |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['f']} | {r['step']} | {r['samples']} | {r['train_s']} | "
+                     f"{r['s_per_step']} | {r['color']} | {r['background']} | {r['shape']} | {r['all']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default="eps,flow,shapes")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the recipe's)")
+    ap.add_argument("--guidance", type=float, nargs="*", default=[], help="also score the last model at these")
+    ap.add_argument("--f2", default=str(ROOT / "exports" / "autoencoder"), help="the f2 autoencoder export")
+    ap.add_argument("--f4", default=str(ROOT / "runs" / "bench" / "exports_f4" / "autoencoder"))
+    ap.add_argument("--shards", type=Path, default=ROOT / "data" / "shapes" / "train")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "curves")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every recipe")
+    ap.add_argument("--table", action="store_true", help="print the table of --out/curves.jsonl and stop")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    log = args.out / "curves.jsonl"
+    if args.list:
+        for name, overrides in RECIPES.items():
+            print(f"{name}: {' '.join(overrides)}")
+        return
+    if args.table:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        print(table(rows))
+        for r in rows:
+            if "confusion" in r:
+                print(f"{r['recipe']} @ {r['step']}: " + "; ".join(
+                    f"{k}: " + ", ".join(f"{w}->{g} x{n}" for w, g, n in v) for k, v in r["confusion"].items() if v))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images, captions = load_shapes(args.shards, args.out / "shapes_train.pt")
+    data = {"images": images, "captions": captions, "moments": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.recipes.split(","):
+        run_recipe(name, RECIPES[name], args, data)
+    print(table([r for line in log.read_text().splitlines() if line.strip()
+                 for r in [json.loads(line)] if r["recipe"] in args.recipes.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
