@@ -111,7 +111,8 @@ def tiny(command: str, ctx: dict[str, str]) -> str:
             new = new.replace(f"<{key}>", value)
         command = command.replace(old, new)
     if command.startswith("python train.py"):
-        extra = [o for o in TINY_TRAIN if not ("data.resolution=" in command and o.startswith("data.resolution="))]
+        # a key the command sets itself (logger=tensorboard, data.resolution) keeps the command's value
+        extra = [o for o in TINY_TRAIN if f" {o.split('=')[0]}=" not in command]
         if not re.search(r"model/text_encoder=(class|none)", command):
             extra.append("model.text_encoder.width=32")
         if "stage=ldm" in command:
@@ -155,6 +156,11 @@ def prepare(tmp: Path) -> None:
 
 def before(command: str, tmp: Path, env: dict[str, str]) -> None:
     """The README's prose steps that a code-block command relies on."""
+    if "exports/ldm/diffusers" in command and not (tmp / "exports" / "ldm" / "diffusers").exists():
+        # The snippet's own comment: an epsilon model (the paper's recipe), exported by python -m ldm.export.
+        tiny_ldm = [*TINY_TRAIN, *TINY_LDM, "model.text_encoder.width=32"]
+        for args in (["train.py", "stage=ldm", "~recipe", *tiny_ldm], ["-m", "ldm.export", "--out", "exports/ldm"]):
+            subprocess.run([sys.executable, *args], cwd=tmp, env=env, check=True, capture_output=True, timeout=600)
     if "data=latents" in command and not (tmp / "data" / "mine-latents").exists():
         for split in ("train", "val"):  # README "Your own data": python -m ldm.data.latents ...
             subprocess.run([sys.executable, "-m", "ldm.data.latents", "--autoencoder", "exports/autoencoder",
@@ -189,13 +195,10 @@ def test_readme_command(scratch, lang, command):
     tmp, env = scratch
     runs = sorted((tmp / "runs" / "ldm").glob("*/"), key=lambda p: p.stat().st_mtime)
     ctx = {"tmp": str(tmp), "last_ldm_run": str(runs[-1].relative_to(tmp)) if runs else "runs/ldm/none"}
-    if lang == "python":
-        proc = subprocess.run([sys.executable, "-c", tiny(command, ctx)], cwd=tmp, env=env, capture_output=True,
-                              text=True, timeout=600)
-    else:
-        line = tiny(command, ctx)
-        before(line, tmp, env)
-        proc = subprocess.run(["bash", "-c", line], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    line = tiny(command, ctx)
+    before(line, tmp, env)
+    argv = [sys.executable, "-c", line] if lang == "python" else ["bash", "-c", line]
+    proc = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"$ {command}\n(ran: {tiny(command, ctx)})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     log = tmp / "ran.jsonl"
     with log.open("a") as f:
