@@ -115,6 +115,8 @@ def tiny(command: str, ctx: dict[str, str]) -> str:
         extra = [o for o in TINY_TRAIN if f" {o.split('=')[0]}=" not in command]
         if not re.search(r"model/text_encoder=(class|none)", command):
             extra.append("model.text_encoder.width=32")
+        if "model/autoencoder=identity" in command:  # no autoencoder to size
+            extra.remove("model.autoencoder.ch=16")
         if "stage=ldm" in command:
             extra += TINY_LDM
         command += " " + " ".join(extra)
