@@ -24,6 +24,7 @@ def build_conditioner(config: dict[str, Any]) -> nn.Module:
     if kind == "none":
         from ldm.conditioning.class_embedding import Unconditional
 
+        kwargs.pop("freeze", None)  # nothing to train or freeze (a recipe may set it for every conditioner)
         if kwargs:
             raise ValueError(f"model.text_encoder kind=none takes no other keys, got {sorted(kwargs)}")
         return Unconditional()
