@@ -158,7 +158,8 @@ def prepare(tmp: Path) -> None:
 
 def before(command: str, tmp: Path, env: dict[str, str]) -> None:
     """The README's prose steps that a code-block command relies on."""
-    if "exports/ldm/diffusers" in command and not (tmp / "exports" / "ldm" / "diffusers").exists():
+    pipeline = tmp / "exports" / "ldm" / "diffusers" / "model_index.json"
+    if "exports/ldm/diffusers" in command and not pipeline.exists():
         # The snippet's own comment: an epsilon model (the paper's recipe), exported by python -m ldm.export.
         tiny_ldm = [*TINY_TRAIN, *TINY_LDM, "model.text_encoder.width=32"]
         for args in (["train.py", "stage=ldm", "~recipe", *tiny_ldm], ["-m", "ldm.export", "--out", "exports/ldm"]):

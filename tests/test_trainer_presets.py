@@ -22,8 +22,9 @@ def test_trainer_presets(stage, preset, accelerator, strategy, precision):
     cfg = _compose(f"stage={stage}", f"trainer={preset}", "trainer.devices=2")
     t = cfg.trainer
     assert (t.accelerator, t.strategy, t.precision) == (accelerator, strategy, precision)
-    own = OmegaConf.load(ROOT / "conf" / "stage" / f"{stage}.yaml").trainer.max_steps
-    assert t.max_steps == own  # the stage's step count survives the preset
+    # The stage's step count survives the preset: the built-in recipe's for data=shapes (the default data).
+    own = OmegaConf.load(ROOT / "conf" / "recipe" / f"shapes_{stage}.yaml").trainer.max_steps
+    assert t.max_steps == own
     built = build_strategy(t.strategy, cfg.faults.collective_timeout_s, devices=t.devices, num_nodes=t.num_nodes)
     # Two devices: a strategy object carrying faults.collective_timeout_s (auto means ddp there).
     assert type(built).__name__ == ("FSDPStrategy" if strategy == "fsdp" else "DDPStrategy")
