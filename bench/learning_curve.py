@@ -52,6 +52,11 @@ RECIPES: dict[str, list[str]] = {
     "shapes_lr1e-3": [*SHAPES, "stage.module.lr=1e-3"],
     "shapes_bs16": [*SHAPES, "data.batch_size=16"],
     "shapes_bs64": [*SHAPES, "data.batch_size=64"],
+    "shapes_bs8": [*SHAPES, "data.batch_size=8"],
+    "shapes_bs8_clip": [*SHAPES, "data.batch_size=8", "trainer.gradient_clip_val=1.0"],
+    "shapes_bs16_clip": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0"],
+    "shapes_bs16_clip_attn84": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0",
+                                "model.unet.attention_resolutions=[2,4]"],
     "shapes_ema0.999": [*SHAPES, "stage.module.ema_decay=0.999"],
     "shapes_attn_full": [*SHAPES, "model.unet.attention_resolutions=[1,2,4]"],
     "shapes_lr2e-3": [*SHAPES, "stage.module.lr=2e-3"],
@@ -164,6 +169,10 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
     unet_params = sum(p.numel() for p in module.unet.parameters())
     rows: list[dict] = []
     train_s = 0.0
+    params = [p for group in opt.param_groups for p in group["params"]]
+    clip = float(cfg.trainer.get("gradient_clip_val") or "inf")
+    interval_loss: list[float] = []
+    interval_norm = 0.0
     module.train()
     for step in range(args.steps):
         start = time.perf_counter()
@@ -171,6 +180,10 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
         loss, _ = module.diffusion_loss(DiagonalGaussian(moments[idx]), [captions[i] for i in idx], step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # What train.py does with trainer.gradient_clip_val (Lightning clips by norm); inf: measure only.
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        interval_loss.append(float(loss))
+        interval_norm = max(interval_norm, norm)
         opt.step()
         sched.step()
         _ema_update(module)
@@ -178,21 +191,41 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             t0 = time.perf_counter()
             acc, images = evaluate(module, prompts, steps=args.sample_steps)
+            save_grid(images, args.out / "grids" / f"{name}_{step + 1:05d}.png")
             row = {"recipe": name, "step": step + 1, "samples": (step + 1) * batch, "batch": batch,
                    "train_s": round(train_s, 1), "s_per_step": round(train_s / (step + 1), 4),
-                   "eval_s": round(time.perf_counter() - t0, 1), "loss": round(float(loss), 4),
+                   "eval_s": round(time.perf_counter() - t0, 1),
+                   "loss": round(sum(interval_loss) / len(interval_loss), 4), "max_grad_norm": round(interval_norm, 2),
                    "unet_params_m": round(unet_params / 1e6, 2), "f": module.autoencoder.downsample_factor,
                    "sampler": f"{module.hparams.sampler}{args.sample_steps or module.hparams.num_inference_steps}",
                    "guidance": module.hparams.guidance_scale, **acc, "overrides": overrides}
             if step + 1 == args.steps:
                 row["confusion"] = confusion(images, prompts)
                 for scale in args.guidance:
-                    row[f"all@g{scale}"] = evaluate(module, prompts, guidance=scale, steps=args.sample_steps)[0]
+                    acc_g, images_g = evaluate(module, prompts, guidance=scale, steps=args.sample_steps)
+                    row[f"all@g{scale}"] = acc_g
+                    save_grid(images_g, args.out / "grids" / f"{name}_{step + 1:05d}_g{scale}.png")
+                save_model(module, args.out / "models" / f"{name}.pt")
             rows.append(row)
+            interval_loss, interval_norm = [], 0.0
             print(json.dumps({k: v for k, v in row.items() if k not in ("overrides", "confusion")}), flush=True)
             with (args.out / "curves.jsonl").open("a") as f:  # as it comes: a stopped run keeps its rows
                 f.write(json.dumps(row) + "\n")
     return rows
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """The evaluation's samples as one PNG, 8 per row in prompt order: judge a curve by what it draws."""
+    from ldm.train.images import make_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow=8).save(path)
+
+
+def save_model(module: Any, path: Path) -> None:
+    """The trained weights (EMA included), so the last model can be sampled again with other settings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), path)
 
 
 def _ema_update(module: Any) -> None:

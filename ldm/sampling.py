@@ -161,6 +161,22 @@ def _check_settings(cfg: Any) -> None:
             raise ConfigError(f"seeds={list(seeds)}: every seed must be an integer") from None
 
 
+def check_prompts_fit(conditioner: Any, prompts: list[str]) -> None:
+    """A class-conditional model reads prompts as class labels: say which prompt is not one before sampling."""
+    from ldm.conditioning.class_embedding import ClassEmbedder
+
+    if not isinstance(conditioner, ClassEmbedder):
+        return
+    try:
+        conditioner.labels(prompts)
+    except ValueError as err:
+        names = conditioner.class_names or []
+        known = (f"its class names ({len(names)}, e.g. {names[:3]})" if names
+                 else f"an integer in [0, {conditioner.num_classes})")
+        raise ConfigError(f"this model is class-conditional (model.text_encoder.kind=class): each prompt must be "
+                          f"{known} or \"\" for unconditional; {err}") from None
+
+
 def run_sampling(cfg: Any) -> dict[str, Any]:
     """Generate the images sample.yaml describes; returns the output folder, count and manifest records."""
     from ldm.checkpoints.bundle import load_ldm, read_hparams
@@ -190,6 +206,7 @@ def run_sampling(cfg: Any) -> dict[str, Any]:
     jobs = [(p, s) for p, ss in zip(prompts, per_prompt, strict=True) for s in ss]
 
     module = load_ldm(ckpt, offline_text_encoder(hparams, cfg.get("weights_cache"))).to(device)
+    check_prompts_fit(module.text_encoder, [*prompts, negative])
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     print(f"[ldm] {len(jobs)} images of {height}x{width} from {ckpt} ({sampler}, {steps} steps, guidance {guidance}, "

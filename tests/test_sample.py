@@ -203,3 +203,17 @@ def test_weights_cache_points_the_text_encoder_at_the_prefetched_file(tmp_path, 
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_class_conditional_model_names_the_prompt_that_is_not_a_class():
+    """A text prompt to a class-conditional model stops with the valid labels, not a traceback mid-sampling."""
+    from ldm.conditioning.class_embedding import ClassEmbedder
+    from ldm.sampling import check_prompts_fit
+
+    named = ClassEmbedder(3, 8, class_names=["circle", "square", "triangle"])
+    check_prompts_fit(named, ["circle", "2", ""])  # names, integer labels and "" (unconditional) all fit
+    with pytest.raises(ConfigError, match=r"class-conditional.*'circle'.*'a red circle'"):
+        check_prompts_fit(named, ["square", "a red circle"])
+    with pytest.raises(ConfigError, match=r"integer in \[0, 3\).*'7'"):
+        check_prompts_fit(ClassEmbedder(3, 8), ["7"])
+    check_prompts_fit(torch.nn.Identity(), ["anything goes for a text encoder"])
