@@ -55,6 +55,8 @@ RECIPES: dict[str, list[str]] = {
     "shapes_bs8": [*SHAPES, "data.batch_size=8"],
     "shapes_bs8_clip": [*SHAPES, "data.batch_size=8", "trainer.gradient_clip_val=1.0"],
     "shapes_bs16_clip": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0"],
+    "shapes_bs8_clip_attn84": [*SHAPES, "data.batch_size=8", "trainer.gradient_clip_val=1.0",
+                               "model.unet.attention_resolutions=[2,4]"],
     "shapes_bs16_clip_attn84": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0",
                                 "model.unet.attention_resolutions=[2,4]"],
     "shapes_ema0.999": [*SHAPES, "stage.module.ema_decay=0.999"],
