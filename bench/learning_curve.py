@@ -57,6 +57,8 @@ RECIPES: dict[str, list[str]] = {
     "shapes_bs16_clip": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0"],
     "shapes_bs8_clip_attn84": [*SHAPES, "data.batch_size=8", "trainer.gradient_clip_val=1.0",
                                "model.unet.attention_resolutions=[2,4]"],
+    "shapes_bs16_clip_textlr1e-4": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0",
+                                    "stage.module.text_encoder_lr=1e-4"],
     "shapes_bs16_clip_attn84": [*SHAPES, "data.batch_size=16", "trainer.gradient_clip_val=1.0",
                                 "model.unet.attention_resolutions=[2,4]"],
     "shapes_ema0.999": [*SHAPES, "stage.module.ema_decay=0.999"],
@@ -165,6 +167,8 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
     captions = data["captions"]
     batch = int(cfg.data.batch_size)
     module._ensure_scale_factor({"moments": moments[:batch]})
+    if args.init:  # continue a saved model (weights and EMA; the optimizer starts afresh with its warm-up)
+        module.load_state_dict(torch.load(args.init))
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     prompts = prompt_set(args.prompts, seed=0)
@@ -176,7 +180,7 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
     interval_loss: list[float] = []
     interval_norm = 0.0
     module.train()
-    for step in range(args.steps):
+    for step in range(args.start_step, args.start_step + args.steps):
         start = time.perf_counter()
         idx = torch.randint(len(captions), (batch,), generator=torch.Generator().manual_seed(10_000 + step))
         loss, _ = module.diffusion_loss(DiagonalGaussian(moments[idx]), [captions[i] for i in idx], step)
@@ -184,24 +188,25 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
         loss.backward()
         # What train.py does with trainer.gradient_clip_val (Lightning clips by norm); inf: measure only.
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        interval_loss.append(float(loss))
+        interval_loss.append(float(loss.detach()))
         interval_norm = max(interval_norm, norm)
         opt.step()
         sched.step()
         _ema_update(module)
         train_s += time.perf_counter() - start
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        last = step + 1 == args.start_step + args.steps
+        if (step + 1) % args.eval_every == 0 or last:
             t0 = time.perf_counter()
             acc, images = evaluate(module, prompts, steps=args.sample_steps)
             save_grid(images, args.out / "grids" / f"{name}_{step + 1:05d}.png")
             row = {"recipe": name, "step": step + 1, "samples": (step + 1) * batch, "batch": batch,
-                   "train_s": round(train_s, 1), "s_per_step": round(train_s / (step + 1), 4),
+                   "train_s": round(train_s, 1), "s_per_step": round(train_s / (step + 1 - args.start_step), 4),
                    "eval_s": round(time.perf_counter() - t0, 1),
                    "loss": round(sum(interval_loss) / len(interval_loss), 4), "max_grad_norm": round(interval_norm, 2),
                    "unet_params_m": round(unet_params / 1e6, 2), "f": module.autoencoder.downsample_factor,
                    "sampler": f"{module.hparams.sampler}{args.sample_steps or module.hparams.num_inference_steps}",
                    "guidance": module.hparams.guidance_scale, **acc, "overrides": overrides}
-            if step + 1 == args.steps:
+            if last:
                 row["confusion"] = confusion(images, prompts)
                 for scale in args.guidance:
                     acc_g, images_g = evaluate(module, prompts, guidance=scale, steps=args.sample_steps)
@@ -237,11 +242,11 @@ def _ema_update(module: Any) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | f | step | samples seen | train s | s/step | colour | background | shape | all |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | f | step | samples seen | train s | s/step | loss | max grad norm | colour | background | shape "
+             "| all |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['f']} | {r['step']} | {r['samples']} | {r['train_s']} | "
-                     f"{r['s_per_step']} | {r['color']} | {r['background']} | {r['shape']} | {r['all']} |")
+                     f"{r['s_per_step']} | {r.get('loss', '')} | {r.get('max_grad_norm', '')} | {r['color']} | {r['background']} | {r['shape']} | {r['all']} |")
     return "\n".join(lines)
 
 
@@ -258,6 +263,8 @@ def main() -> None:
     ap.add_argument("--shards", type=Path, default=ROOT / "data" / "shapes" / "train")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "curves")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--init", type=Path, default=None, help="continue this saved model (--out/models/NAME.pt)")
+    ap.add_argument("--start-step", type=int, default=0, help="with --init: the step it was saved at")
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every recipe")
     ap.add_argument("--table", action="store_true", help="print the table of --out/curves.jsonl and stop")
     ap.add_argument("--list", action="store_true")

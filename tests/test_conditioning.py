@@ -78,3 +78,19 @@ def test_text_module_keeps_the_text_tower_frozen():
     assert not module.conditioner_trains and module.text_encoder_ema is None
     names = {n for n, p in module.named_parameters() if p.requires_grad}
     assert names and all(n.startswith("unet.") for n in names)
+
+
+def test_trained_text_tower_takes_its_own_learning_rate_through_the_warm_up():
+    module = tiny_ldm(text_encoder={"kind": "openclip", "width": 16, "heads": 2, "layers": 1, "context_length": 8,
+                                    "freeze": False}, lr=1e-3, text_encoder_lr=1e-4, warmup_steps=4)
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    unet_group, text_group = opt.param_groups
+    assert {id(p) for p in unet_group["params"]} == {id(p) for p in module.unet.parameters()}
+    assert {id(p) for p in text_group["params"]} == {id(p) for p in module.text_encoder.parameters()}
+    for _ in range(4):
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])  # warm-up over, ratio kept
+    default = tiny_ldm(text_encoder={"kind": "openclip", "width": 16, "heads": 2, "layers": 1, "context_length": 8,
+                                     "freeze": False}, lr=1e-3, warmup_steps=0)
+    assert [g["lr"] for g in default.configure_optimizers()["optimizer"].param_groups] == [1e-3, 1e-3]

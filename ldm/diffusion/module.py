@@ -29,6 +29,7 @@ class LatentDiffusionModule(pl.LightningModule):
                  autoencoder_path: str | None = None, schedule: dict[str, Any] | None = None,
                  prediction_type: str = "epsilon", scale_factor: float | None = None,
                  cond_drop_prob: float = 0.1, snr_gamma: float | None = None, offset_noise: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 text_encoder_lr: float | None = None,
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
@@ -162,10 +163,11 @@ class LatentDiffusionModule(pl.LightningModule):
         self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
 
     def configure_optimizers(self) -> dict:
-        params = list(self.unet.parameters())
-        if self.conditioner_trains:
-            params += [p for p in self.text_encoder.parameters() if p.requires_grad]
-        return adamw_with_warmup(params, self.hparams.lr, self.hparams.warmup_steps,
+        groups = [{"params": list(self.unet.parameters())}]
+        if self.conditioner_trains:  # a trained conditioner may take its own lr (text_encoder_lr; null: lr)
+            text_lr = self.hparams.get("text_encoder_lr") or self.hparams.lr
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": text_lr})
+        return adamw_with_warmup(groups, self.hparams.lr, self.hparams.warmup_steps,
                                  weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ sampling
