@@ -163,10 +163,12 @@ class LatentDiffusionModule(pl.LightningModule):
         self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
 
     def configure_optimizers(self) -> dict:
-        groups = [{"params": list(self.unet.parameters())}]
-        if self.conditioner_trains:  # a trained conditioner may take its own lr (text_encoder_lr; null: lr)
-            text_lr = self.hparams.get("text_encoder_lr") or self.hparams.lr
-            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": text_lr})
+        unet = list(self.unet.parameters())
+        text = [p for p in self.text_encoder.parameters() if p.requires_grad] if self.conditioner_trains else []
+        text_lr = self.hparams.get("text_encoder_lr")
+        # One group unless the conditioner has its own lr: checkpoints of either layout keep resuming.
+        groups = ([{"params": unet}, {"params": text, "lr": text_lr}] if text and text_lr
+                  else [{"params": unet + text}])
         return adamw_with_warmup(groups, self.hparams.lr, self.hparams.warmup_steps,
                                  weight_decay=self.hparams.weight_decay)
 
