@@ -97,7 +97,7 @@ def test_stage_ldm_starts_from_sd_and_diffusers_autoencoders(tmp_path, layout):
 def test_shapes_recipe_applies_to_shapes_data_only():
     """conf/recipe/shapes_ldm.yaml is the built-in run's recipe; other data keep the paper's defaults."""
     shapes = compose_train("stage=ldm")
-    assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler"
+    assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler_ancestral"
     assert shapes.model.text_encoder.freeze is False
     for cfg in (compose_train("stage=ldm", "data=webdataset"), compose_train("stage=ldm", "~recipe")):
         assert cfg.stage.module.prediction_type == "epsilon" and cfg.stage.module.sampler == "ddim"

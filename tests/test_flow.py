@@ -126,3 +126,68 @@ def test_flow_module_trains_and_samples():
     assert torch.isfinite(loss) and loss.requires_grad
     out = module.generate(["a", "b"], seed=3)
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+    # the stochastic sampler draws each sample's fresh noise from its own seed: same seed, same image
+    pair = module.generate(["a", "b"], seeds=[3, 4], sampler="euler_ancestral")
+    alone = module.generate(["b"], seeds=[4], sampler="euler_ancestral")
+    torch.testing.assert_close(pair[1:], alone, atol=1e-4, rtol=0)  # batch size moves float sums only
+    assert not torch.allclose(module.generate(["b"], seeds=[5], sampler="euler_ancestral"), alone)
+
+
+def test_euler_ancestral_matches_diffusers_stochastic_flow_match_euler():
+    """Our stochastic Euler is diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) on the same
+    times and the same noise draws."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow, steps = FlowSchedule(), 6
+    times = flow.sampling_times(steps)
+
+    def velocity(x: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:  # smooth, x- and t-dependent
+        return 0.3 * x - torch.cos(model_t / 400).view(-1, 1, 1, 1)
+
+    noise = draws(11)
+    ours = sample("euler_ancestral", velocity, noise.clone(), flow, steps=steps, prediction_type="flow",
+                  generator=torch.Generator().manual_seed(5))
+    ref = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    ref.set_timesteps(sigmas=times[:-1].tolist())
+    assert torch.allclose(ref.sigmas.float(), times, atol=1e-6), (ref.sigmas, times)
+    x, gen = noise.clone(), torch.Generator().manual_seed(5)
+    for t in ref.timesteps:
+        x = ref.step(velocity(x, t.expand(x.shape[0]).float()), t, x, generator=gen).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+    euler = sample("euler", velocity, noise.clone(), flow, steps=steps, prediction_type="flow")
+    assert (ours - euler).abs().max() > 0.1  # it is stochastic: not the ODE's answer
+
+
+def test_euler_ancestral_recovers_a_point_mass_whatever_the_noise():
+    flow, target = FlowSchedule(shift=2.0), draws(7)
+
+    def velocity(x: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        t = (model_t / flow.time_scale).view(-1, 1, 1, 1)
+        return (x - target) / t
+
+    for seed in (0, 1):
+        out = sample("euler_ancestral", velocity, draws(8), flow, steps=5, prediction_type="flow",
+                     generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
+
+
+def test_per_sample_generators_make_a_sample_independent_of_its_batch():
+    """With one generator per sample, a sample's fresh noise is its own: alone or second in a batch, same result."""
+    flow = FlowSchedule()
+
+    def velocity(x: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + (model_t / 1000).view(-1, 1, 1, 1)
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    x = draws(12)[:2]
+    pair = sample("euler_ancestral", velocity, x.clone(), flow, steps=4, prediction_type="flow", generator=gens(1, 2))
+    alone = sample("euler_ancestral", velocity, x[1:].clone(), flow, steps=4, prediction_type="flow",
+                   generator=gens(2))
+    torch.testing.assert_close(pair[1:], alone, atol=0, rtol=0)
+    other = sample("euler_ancestral", velocity, x[1:].clone(), flow, steps=4, prediction_type="flow",
+                   generator=gens(3))
+    assert not torch.equal(other, alone)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        sample("euler_ancestral", velocity, x, flow, steps=2, prediction_type="flow", generator=gens(1, 2, 3))

@@ -194,13 +194,16 @@ class LatentDiffusionModule(pl.LightningModule):
                              f"got {height}x{width}")
         shape = (self.autoencoder.latent_channels, height // f, width // f)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        # One generator per sample, kept for the stochastic samplers' fresh noise: same seed, same image.
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
         x = noise.to(self.device)
         cond = self.encode_text(prompts, use_ema=use_ema)
         uncond = self.encode_text([negative_prompt] * len(prompts), use_ema=use_ema)
         model_fn = classifier_free_guidance(unet, cond, uncond, scale)
         z = sample(sampler or self.hparams.sampler, model_fn, x, self.schedule, steps=steps,
-                   eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress)
+                   eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress,
+                   generator=generators)
         return self.decode_latents(z)
 
     # ------------------------------------------------------------------ validation

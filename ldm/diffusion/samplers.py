@@ -2,7 +2,9 @@
 
 `model_fn(x_t, t) -> network output` (guidance, conditioning and dtype handling live in the callable).
 DDPM, DDIM and DPM-Solver++ integrate the discrete diffusion schedule (epsilon / v_prediction models);
-Euler and Heun integrate the flow ODE dx/dt = v (prediction_type=flow).
+Euler and Heun integrate the flow ODE dx/dt = v (prediction_type=flow); euler_ancestral is its stochastic
+counterpart. The stochastic samplers (ddpm, euler_ancestral) take `generator`: one torch.Generator, or one
+per sample so that a sample's image does not depend on the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from ldm.diffusion.objectives import to_x0_eps
 from ldm.diffusion.schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | list[torch.Generator] | None
 DIFFUSION_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
-FLOW_SAMPLERS = ("euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun", "euler_ancestral")
 SAMPLERS = DIFFUSION_SAMPLERS + FLOW_SAMPLERS
 
 
@@ -67,7 +70,7 @@ def _predict(model_fn: ModelFn, x: torch.Tensor, t: int, abar_t: torch.Tensor,
 
 @torch.no_grad()
 def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0,
-                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                prediction_type: str = "epsilon", generator: Generators = None,
                 progress: bool = False, **_: object) -> torch.Tensor:
     """DDIM (Song et al. 2021); eta=0 is deterministic, eta=1 matches DDPM's variance."""
     abar = schedule.alphas_cumprod.to(x.device)
@@ -79,13 +82,23 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, ste
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and i + 1 < len(ts):
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * fresh_noise(x, generator)
     return x
+
+
+def fresh_noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like x: from one generator, or row i from generator[i]."""
+    if isinstance(generator, list | tuple):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        rows = [torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]
+        return torch.stack(rows).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
 def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50,
-                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                prediction_type: str = "epsilon", generator: Generators = None,
                 progress: bool = False, **_: object) -> torch.Tensor:
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0) (Ho et al. 2020) on strided timesteps.
 
@@ -103,7 +116,7 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, ste
         mean = (a_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_prev) * x) / (1 - a_t)
         if i + 1 < len(ts):
             var = (1 - a_prev) / (1 - a_t) * beta
-            mean = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            mean = mean + var.sqrt() * fresh_noise(x, generator)
         x = mean
     return x
 
@@ -172,9 +185,30 @@ def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSchedule, step
     return x
 
 
+@torch.no_grad()
+def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSchedule, steps: int = 28,
+                           generator: Generators = None, progress: bool = False, **_: object) -> torch.Tensor:
+    """Stochastic Euler on the straight path: split x_t into its predicted data and noise, then re-noise the
+    data prediction to the next time with fresh noise.
+
+    On a model that is still learning, the fresh noise lets later steps repair what earlier ones got wrong,
+    where the ODE (euler, heun) carries every error to the end (Karras et al. 2022, on stochastic sampling):
+    bench/learning_curve.py measured more well-formed shapes with it on the shapes recipe (README
+    "Measured"). With the noise prediction kept instead of fresh noise, a step is exactly `euler`'s.
+    """
+    times = schedule.sampling_times(steps)
+    x = x.float()
+    for i in tqdm(range(steps), desc="euler_ancestral", disable=not progress, leave=False):
+        t, t_next = float(times[i]), float(times[i + 1])
+        v = _velocity(model_fn, x, times[i], schedule)
+        x0 = x - t * v  # x_t = (1 - t) x0 + t noise and v = noise - x0
+        x = x0 if t_next == 0 else (1 - t_next) * x0 + t_next * fresh_noise(x, generator)
+    return x
+
+
 _SAMPLER_FNS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m,
-    "euler": sample_euler, "heun": sample_heun}
+    "euler": sample_euler, "heun": sample_heun, "euler_ancestral": sample_euler_ancestral}
 
 
 def sample(sampler: str, model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule | FlowSchedule,
