@@ -202,6 +202,12 @@ def run_sampling(cfg: Any) -> dict[str, Any]:
     steps = int(cfg.get("steps") or hparams.get("num_inference_steps", 50))
     guidance = float(hparams.get("guidance_scale", 1.0) if cfg.guidance_scale is None else cfg.guidance_scale)
     negative = str(cfg.negative_prompt or "")
+    interval = cfg.get("guidance_interval")
+    interval = list(interval) if interval is not None else hparams.get("guidance_interval")
+    try:
+        samplers.check_guidance_interval(interval)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     per_prompt = image_seeds(len(prompts), int(cfg.num_images), int(cfg.seed), cfg.get("seeds"))
     jobs = [(p, s) for p, ss in zip(prompts, per_prompt, strict=True) for s in ss]
 
@@ -218,13 +224,15 @@ def run_sampling(cfg: Any) -> dict[str, Any]:
         with autocast(device, precision):
             batch = module.generate([p for p, _ in chunk], seeds=[s for _, s in chunk], num_inference_steps=steps,
                                     guidance_scale=guidance, negative_prompt=negative, sampler=sampler,
+                                    guidance_interval=interval,
                                     use_ema=bool(cfg.use_ema), height=height, width=width)
         batch = batch.float().cpu()
         for (prompt, seed), arr, img in zip(chunk, to_uint8(batch), batch, strict=True):
             name = f"{len(records):05d}.png"
             Image.fromarray(arr).save(out / name)
             records.append({"file": name, "prompt": prompt, "negative_prompt": negative, "seed": seed,
-                            "steps": steps, "guidance_scale": guidance, "sampler": sampler,
+                            "steps": steps, "guidance_scale": guidance, "guidance_interval": interval,
+                            "sampler": sampler,
                             "height": height, "width": width})
             images.append(img)
         bar.update(len(chunk))

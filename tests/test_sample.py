@@ -80,13 +80,14 @@ def test_manifest_grid_and_options(ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n\n  a green square on a white background  \n")
     result = run(tmp_path / "out", f"ckpt={ckpt}", f"prompts_file={prompts}", "num_images=2", "height=24",
-                 "width=32", "negative_prompt=blurry", "guidance_scale=4.5", "sampler=dpmpp_2m", "precision=bf16")
+                 "width=32", "negative_prompt=blurry", "guidance_scale=4.5", "sampler=dpmpp_2m", "precision=bf16",
+                 "guidance_interval=[0.2,0.8]")
     out = tmp_path / "out"
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert lines == result["records"] and len(lines) == 4
     assert lines[2] == {"file": "00002.png", "prompt": "a green square on a white background",
                         "negative_prompt": "blurry", "seed": 2, "steps": 2, "guidance_scale": 4.5,
-                        "sampler": "dpmpp_2m", "height": 24, "width": 32}
+                        "guidance_interval": [0.2, 0.8], "sampler": "dpmpp_2m", "height": 24, "width": 32}
     from PIL import Image
 
     assert Image.open(out / "00003.png").size == (32, 24)
@@ -121,6 +122,7 @@ def test_latest_is_the_newest_checkpoint(ckpt, tmp_path):
     ([f"prompt={PROMPT}", "prompts_file=PROMPTS"], "not both"),
     (["precision=fp8"], "precision='fp8'"),
     (["seeds=3"], "seeds=3"),
+    (["guidance_interval=[0.9,0.1]"], "guidance_interval must be [lo, hi]"),
     (["ckpt=latest"], "no stage=ldm checkpoint"),
 ])
 def test_errors_name_the_key_before_loading(ckpt, tmp_path, monkeypatch, overrides, message):

@@ -162,3 +162,28 @@ def test_unknown_or_mismatched_sampler(schedule):
         sample("euler", linear_model, torch.zeros(SHAPE), schedule, steps=2)
     with pytest.raises(ValueError, match="does not fit prediction_type='flow'.*euler.*heun"):
         sample("ddim", linear_model, torch.zeros(SHAPE), schedule, steps=2, prediction_type="flow")
+
+
+def test_guidance_interval_guides_only_inside_it():
+    """Inside the interval both halves run in one batch and are mixed; outside only the conditional half runs."""
+    from ldm.diffusion.samplers import check_guidance_interval, classifier_free_guidance
+
+    batches = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batches.append(x.shape[0])
+        return x * 0 + context.view(-1, 1, 1, 1)
+
+    cond, uncond = torch.full((2,), 1.0), torch.full((2,), 0.0)
+    fn = classifier_free_guidance(model, cond, uncond, 4.0, interval=(0.1, 0.9), time_scale=1000.0)
+    x = torch.zeros(SHAPE)
+    inside = fn(x, torch.full((2,), 500.0))
+    outside = [fn(x, torch.full((2,), t)) for t in (950.0, 50.0)]
+    assert batches == [4, 2, 2]
+    assert torch.all(inside == 4.0) and all(torch.all(o == 1.0) for o in outside)
+    everywhere = classifier_free_guidance(model, cond, uncond, 4.0)(x, torch.full((2,), 950.0))
+    assert torch.all(everywhere == 4.0)
+    assert check_guidance_interval(None) is None and check_guidance_interval([0, 1]) == (0.0, 1.0)
+    for bad in ([0.5, 0.5], [0.2], [-0.1, 0.5], [0.2, 1.5]):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            check_guidance_interval(bad)

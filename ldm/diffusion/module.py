@@ -13,7 +13,7 @@ from ldm.autoencoder.model import AutoencoderKL
 from ldm.conditioning import build_conditioner
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objectives import check_prediction_type, training_target
-from ldm.diffusion.samplers import check_sampler, classifier_free_guidance, sample
+from ldm.diffusion.samplers import check_guidance_interval, check_sampler, classifier_free_guidance, sample
 from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
 from ldm.diffusion.weighting import min_snr_weight
@@ -31,12 +31,14 @@ class LatentDiffusionModule(pl.LightningModule):
                  cond_drop_prob: float = 0.1, snr_gamma: float | None = None, offset_noise: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  text_encoder_lr: float | None = None,
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
-                 guidance_scale: float = 3.0, eta: float = 0.0, val_prompts: list[str] | None = None,
+                 guidance_scale: float = 3.0, guidance_interval: list[float] | None = None, eta: float = 0.0,
+                 val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
                  seed: int = 0, metrics: dict[str, Any] | None = None):
         super().__init__()
         check_prediction_type(prediction_type)
         check_sampler(sampler, prediction_type)
+        check_guidance_interval(guidance_interval)
         # autoencoder_path only matters when training starts; a checkpoint carries the weights itself.
         self.save_hyperparameters(ignore=["autoencoder_path"])
         self.autoencoder = build_autoencoder(autoencoder)  # AutoencoderKL, or the identity (pixel space)
@@ -177,8 +179,11 @@ class LatentDiffusionModule(pl.LightningModule):
     def generate(self, prompts: list[str], seed: int = 0, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, negative_prompt: str = "", sampler: str | None = None,
                  use_ema: bool = True, progress: bool = False, seeds: list[int] | None = None,
-                 height: int | None = None, width: int | None = None) -> torch.Tensor:
+                 height: int | None = None, width: int | None = None,
+                 guidance_interval: list[float] | None = None) -> torch.Tensor:
         """Prompts -> images in [-1, 1]. Sample i uses seeds[i] (default seed + i): same seed, same image.
+
+        guidance_interval None is the model's own (hparams); [0, 1] guides at every step.
 
         height and width default to the autoencoder's training resolution; they must be multiples of its
         downsampling factor.
@@ -200,7 +205,9 @@ class LatentDiffusionModule(pl.LightningModule):
         x = noise.to(self.device)
         cond = self.encode_text(prompts, use_ema=use_ema)
         uncond = self.encode_text([negative_prompt] * len(prompts), use_ema=use_ema)
-        model_fn = classifier_free_guidance(unet, cond, uncond, scale)
+        interval = self.hparams.get("guidance_interval") if guidance_interval is None else guidance_interval
+        time_scale = getattr(self.schedule, "time_scale", None) or self.schedule.num_train_timesteps
+        model_fn = classifier_free_guidance(unet, cond, uncond, scale, interval=interval, time_scale=time_scale)
         z = sample(sampler or self.hparams.sampler, model_fn, x, self.schedule, steps=steps,
                    eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress,
                    generator=generators)

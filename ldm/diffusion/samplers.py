@@ -10,7 +10,7 @@ per sample so that a sample's image does not depend on the batch it was drawn in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -36,15 +36,33 @@ def check_sampler(sampler: str, prediction_type: str) -> None:
                          f"use one of {allowed}")
 
 
+def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """None, or (lo, hi) with 0 <= lo < hi <= 1 in normalized time (1: pure noise)."""
+    if interval is None:
+        return None
+    values = tuple(float(v) for v in interval)
+    if len(values) != 2 or not 0.0 <= values[0] < values[1] <= 1.0:
+        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo < hi <= 1 (1: pure noise), got {interval}")
+    return values
+
+
 def classifier_free_guidance(model: Callable[..., torch.Tensor], cond: torch.Tensor | None,
                              uncond: torch.Tensor | None,
-                             guidance_scale: float) -> ModelFn:
-    """Wrap a conditional network: out = uncond + s * (cond - uncond), both halves in one batch."""
+                             guidance_scale: float, interval: Sequence[float] | None = None,
+                             time_scale: float = 1000.0) -> ModelFn:
+    """Wrap a conditional network: out = uncond + s * (cond - uncond), both halves in one batch.
+
+    With `interval` = (lo, hi), guidance applies only while t / time_scale lies in it; elsewhere the
+    conditional output alone is used (one network call). Kynkaanniemi et al. 2024 found guidance at the
+    highest noise levels harms samples; on the shapes recipe (0.1, 0.9) drew more well-formed shapes.
+    """
+    window = check_guidance_interval(interval)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if cond is None:  # unconditional model: nothing to guide
             return model(x, t, None)
-        if guidance_scale == 1.0:
+        outside = window is not None and not window[0] <= float(t.reshape(-1)[0]) / time_scale <= window[1]
+        if guidance_scale == 1.0 or outside:
             return model(x, t, cond)
         out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
         return out_u + guidance_scale * (out_c - out_u)
