@@ -72,8 +72,8 @@ def test_vae_then_ldm_then_sample(workdir):
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [x["seed"] for x in lines] == [7, 8]
     assert lines[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "negative_prompt": "",
-                        "seed": 7, "steps": 3, "guidance_scale": lines[0]["guidance_scale"], "sampler": "euler",
-                        "height": 16, "width": 16}
+                        "seed": 7, "steps": 3, "guidance_scale": lines[0]["guidance_scale"],
+                        "guidance_interval": [0.1, 0.9], "sampler": "euler_ancestral", "height": 16, "width": 16}
     assert (out / "00001.png").exists() and (out / "grid.png").exists()
     scores = json.loads((out / "prompt_accuracy.json").read_text())
     assert set(scores) == {"color", "background", "shape", "all", "confusion"}
