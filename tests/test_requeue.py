@@ -26,7 +26,7 @@ from ldm.train.run_dir import checkpoint_step, find_latest_checkpoint, find_run_
 from .conftest import ROOT
 from .test_end_to_end import TINY
 
-STEPS = 30
+STEPS_AFTER_RESUME = 6  # steps the requeued job trains past the furthest save
 
 
 def fake_slurm_env(tmp_path: Path, restarts: int = 0) -> dict[str, str]:
@@ -70,9 +70,11 @@ def test_usr1_to_every_process_saves_once_and_resumes_there(tmp_path, tiny_shape
     tiny = [a for a in TINY if not a.startswith("data.num_workers=")]
     args = [str(ROOT / "train.py"), "stage=vae", "data=webdataset", *tiny, f"data.train_shards={tiny_shapes}/train",
             f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
-            f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+            "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
             "checkpoint.every_n_train_steps=4", "ckpt=auto", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=fake_slurm_env(tmp_path),
+    # Far more steps than the signals leave it time for: the run must still be training when SIGTERM comes
+    # (with a short budget a fast machine finished first and was killed while exiting).
+    proc = subprocess.Popen([sys.executable, *args, "trainer.max_steps=100000"], cwd=tmp_path, env=fake_slurm_env(tmp_path),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, proc)
@@ -98,12 +100,14 @@ def test_usr1_to_every_process_saves_once_and_resumes_there(tmp_path, tiny_shape
     assert not list(run.glob("*.partial")) and not list(run.glob("checkpoints/*.partial"))
 
     furthest = max(steps)
-    restarted = subprocess.run([sys.executable, *args], cwd=tmp_path, env=fake_slurm_env(tmp_path, restarts=1),
+    target = furthest + STEPS_AFTER_RESUME
+    restarted = subprocess.run([sys.executable, *args, f"trainer.max_steps={target}"], cwd=tmp_path,
+                               env=fake_slurm_env(tmp_path, restarts=1),
                                capture_output=True, text=True, timeout=600)
     assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["start_step"] == furthest >= saved  # continued from the furthest save, not from 0
-    assert summary["global_step"] == STEPS
+    assert summary["global_step"] == target
     print(f"attempt {attempt}: signalled after step 4, hpc checkpoint at step {saved}, "
           f"resumed at {summary['start_step']}")
 
