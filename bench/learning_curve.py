@@ -72,6 +72,10 @@ RECIPES: dict[str, list[str]] = {
     "shapes_snr5": [*SHAPES, "stage.module.snr_gamma=5"],
     "shapes_bs64_lr2e-3": [*SHAPES, "data.batch_size=64", "stage.module.lr=2e-3"],
     "shapes_mc64": [*SHAPES, "model.unet.model_channels=64", "model.unet.num_head_channels=64"],
+    # warm-up, stable, then a linear lr decay to 0 over the second half of the budget
+    "shapes_wsd1800": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1800"],
+    "shapes_depth2_wsd1500": [*SHAPES, "model.unet.num_res_blocks=2", "stage.module.lr_decay_fraction=0.5",
+                              "stage.module.lr_decay_end=1500"],
     # compression factor at equal UNet settings (the shapes recipe): pixel space, f2, f4
     "shapes_f1": ["model/autoencoder=identity"],
     "shapes_f2": SHAPES,

@@ -42,7 +42,9 @@ def _assert_same_optimizer_state(resumed: torch.optim.Optimizer, straight: torch
 
 def fit(max_steps: int, root, ckpt_path: str | None = None) -> tuple[pl.Trainer, pl.LightningModule]:
     torch.manual_seed(0)  # identical initial weights in every run
-    module = tiny_ldm(scale_factor=None, prediction_type="v_prediction", warmup_steps=3, ema_decay=0.99)
+    # The lr decays from step 2 to 5, so the stop at 3 lands inside the decay window (its position must resume).
+    module = tiny_ldm(scale_factor=None, prediction_type="v_prediction", warmup_steps=3, ema_decay=0.99,
+                      lr_decay_fraction=0.6, lr_decay_end=5)
     return _train(module, max_steps, root, ckpt_path), module
 
 

@@ -20,7 +20,7 @@ from ldm.diffusion.weighting import min_snr_weight
 from ldm.metrics.generation import GenerationMetrics
 from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
-from ldm.train.optim import adamw_with_warmup
+from ldm.train.optim import adamw_with_warmup, check_decay_fraction
 from ldm.train.rng import step_generators
 
 
@@ -29,7 +29,8 @@ class LatentDiffusionModule(pl.LightningModule):
                  autoencoder_path: str | None = None, schedule: dict[str, Any] | None = None,
                  prediction_type: str = "epsilon", scale_factor: float | None = None,
                  cond_drop_prob: float = 0.1, snr_gamma: float | None = None, offset_noise: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 text_encoder_lr: float | None = None,
+                 text_encoder_lr: float | None = None, lr_decay_fraction: float = 0.0,
+                 lr_decay_end: int | None = None, min_lr_factor: float = 0.0,
                  ema_decay: float = 0.9999, sampler: str = "ddim", num_inference_steps: int = 50,
                  guidance_scale: float = 3.0, guidance_interval: list[float] | None = None, eta: float = 0.0,
                  val_prompts: list[str] | None = None,
@@ -39,6 +40,7 @@ class LatentDiffusionModule(pl.LightningModule):
         check_prediction_type(prediction_type)
         check_sampler(sampler, prediction_type)
         check_guidance_interval(guidance_interval)
+        check_decay_fraction(lr_decay_fraction, lr_decay_end, min_lr_factor)
         # autoencoder_path only matters when training starts; a checkpoint carries the weights itself.
         self.save_hyperparameters(ignore=["autoencoder_path"])
         self.autoencoder = build_autoencoder(autoencoder)  # AutoencoderKL, or the identity (pixel space)
@@ -171,8 +173,25 @@ class LatentDiffusionModule(pl.LightningModule):
         # One group unless the conditioner has its own lr: checkpoints of either layout keep resuming.
         groups = ([{"params": unet}, {"params": text, "lr": text_lr}] if text and text_lr
                   else [{"params": unet + text}])
-        return adamw_with_warmup(groups, self.hparams.lr, self.hparams.warmup_steps,
-                                 weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        start, end = self._lr_decay_window()
+        return adamw_with_warmup(groups, hp.lr, hp.warmup_steps, weight_decay=hp.weight_decay,
+                                 decay_start=start, decay_end=end, min_lr_factor=hp.get("min_lr_factor", 0.0))
+
+    def _lr_decay_window(self) -> tuple[int | None, int | None]:
+        """The steps over which the lr decays: the last lr_decay_fraction of lr_decay_end (default max_steps)."""
+        fraction = float(self.hparams.get("lr_decay_fraction") or 0.0)
+        if fraction == 0.0:
+            return None, None
+        end = self.hparams.get("lr_decay_end")
+        if end is None:
+            trainer = self._trainer
+            end = trainer.max_steps if trainer is not None and trainer.max_steps and trainer.max_steps > 0 else None
+        if end is None:
+            raise ValueError("stage.module.lr_decay_fraction needs a step budget: set trainer.max_steps "
+                             "(or stage.module.lr_decay_end)")
+        end = int(end)
+        return min(end - 1, round(end * (1.0 - fraction))), end
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
