@@ -73,7 +73,7 @@ def test_vae_then_ldm_then_sample(workdir):
     assert [x["seed"] for x in lines] == [7, 8]
     assert lines[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "negative_prompt": "",
                         "seed": 7, "steps": 3, "guidance_scale": lines[0]["guidance_scale"],
-                        "guidance_interval": [0.1, 0.9], "sampler": "euler_ancestral", "height": 16, "width": 16}
+                        "guidance_interval": [0.3, 1.0], "sampler": "euler_ancestral", "height": 16, "width": 16}
     assert (out / "00001.png").exists() and (out / "grid.png").exists()
     scores = json.loads((out / "prompt_accuracy.json").read_text())
     assert set(scores) == {"color", "background", "shape", "all", "confusion"}
