@@ -100,8 +100,8 @@ def test_shapes_recipe_applies_to_shapes_data_only():
     assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler_ancestral"
     assert shapes.model.text_encoder.freeze is False
     assert shapes.stage.module.lr_decay_fraction == 0.5 and list(shapes.stage.module.guidance_interval) == [0.3, 1.0]
-    assert compose_train().stage.module.equivariance_weight == 1.0  # the built-in stage 1: EQ-VAE
-    assert compose_train("data=webdataset").stage.module.equivariance_weight == 0.0  # the paper's loss elsewhere
+    assert compose_train("stage.module.equivariance_weight=1.0").stage.module.equivariance_weight == 1.0
+    assert compose_train("data=webdataset").stage.module.equivariance_weight == 0.0  # the paper's loss
     assert compose_train("data=webdataset", "stage=ldm").stage.module.lr_decay_fraction == 0.0
     for cfg in (compose_train("stage=ldm", "data=webdataset"), compose_train("stage=ldm", "~recipe")):
         assert cfg.stage.module.prediction_type == "epsilon" and cfg.stage.module.sampler == "ddim"
