@@ -41,8 +41,7 @@ def check_lr_decay(decay_start: int | None, decay_end: int | None, min_lr_factor
     if decay_start is not None and not 0 <= int(decay_start) < int(decay_end):
         raise ValueError(f"lr decay window must satisfy 0 <= lr_decay_start < lr_decay_end, got "
                          f"[{decay_start}, {decay_end}]")
-    if not 0.0 <= float(min_lr_factor) <= 1.0:
-        raise ValueError(f"min_lr_factor must be in [0, 1], got {min_lr_factor}")
+    _check_min_lr_factor(min_lr_factor)
 
 
 def lr_factor(warmup: int, decay_start: int | None = None, decay_end: int | None = None,
@@ -67,5 +66,9 @@ def check_decay_fraction(fraction: float, end: int | None, min_lr_factor: float)
                          f"got {fraction}")
     if end is not None and int(end) < 1:
         raise ValueError(f"lr_decay_end must be a positive step count, got {end}")
+    _check_min_lr_factor(min_lr_factor)
+
+
+def _check_min_lr_factor(min_lr_factor: float) -> None:
     if not 0.0 <= float(min_lr_factor) <= 1.0:
         raise ValueError(f"min_lr_factor must be in [0, 1], got {min_lr_factor}")
