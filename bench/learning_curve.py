@@ -80,6 +80,20 @@ RECIPES: dict[str, list[str]] = {
                             "stage.module.snr_gamma=5"],
     "shapes_wsd1800_lr2e-3": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1800",
                               "stage.module.lr=2e-3"],
+    # timesteps drawn nearer the data end (logit-normal mean < 0): the 1,500-step model's weak range is t <= 0.4
+    "shapes_wsd1500_lm-0.6": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1500",
+                              "stage.module.flow.logit_mean=-0.6"],
+    "shapes_wsd1500_lm-1.0": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1500",
+                              "stage.module.flow.logit_mean=-1.0"],
+    "shapes_wsd1500": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1500"],
+    # the prompt's token mean added to the time embedding: every ResBlock sees the prompt, not only attention
+    "shapes_wsd1500_pooled": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1500",
+                              "model.unet.pooled_context=true"],
+    # model guidance (one more no-grad forward a step, ~1.3x the step): the same wall time as 1,500 plain steps
+    "shapes_wsd1150_mg0.6": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1150",
+                             "stage.module.model_guidance=0.6"],
+    "shapes_wsd1150_pooled_mg0.6": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1150",
+                                    "stage.module.model_guidance=0.6", "model.unet.pooled_context=true"],
     # compression factor at equal UNet settings (the shapes recipe): pixel space, f2, f4
     "shapes_f1": ["model/autoencoder=identity"],
     "shapes_f2": SHAPES,

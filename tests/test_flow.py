@@ -191,3 +191,44 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch():
     assert not torch.equal(other, alone)
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         sample("euler_ancestral", velocity, x, flow, steps=2, prediction_type="flow", generator=gens(1, 2, 3))
+
+
+def test_model_guidance_trains_toward_the_networks_own_guided_output():
+    from ldm.autoencoder.distribution import DiagonalGaussian
+    from tests.ldm_factory import tiny_ldm
+
+    with pytest.raises(ValueError, match="model_guidance must be in"):
+        tiny_ldm(prediction_type="flow", sampler="euler", model_guidance=1.0)
+    kw = dict(prediction_type="flow", sampler="euler", snr_gamma=None, cond_drop_prob=0.0)
+    torch.manual_seed(0)
+    module = tiny_ldm(model_guidance=0.5, **kw)
+    for p in module.unet.parameters():  # zero-initialised outputs would hide the prompt's effect
+        torch.nn.init.normal_(p, std=0.05)
+    moments, captions = torch.randn(3, 8, 4, 4), ["a red circle", "a blue square", "b"]
+    loss, _ = module.diffusion_loss(DiagonalGaussian(moments), captions, 7)
+    # the same draws by hand: dropout mask, posterior sample, timesteps, noise (the module's order)
+    cpu_gen, gen = module.step_generators(7)
+    torch.rand(3, generator=cpu_gen)
+    z0 = DiagonalGaussian(moments).sample(gen) * module.scale_factor
+    t = module.schedule.sample_timesteps(3, z0.device, generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    x_t, mt = module.schedule.add_noise(z0, noise, t), module.schedule.model_time(t)
+    out = module.unet(x_t, mt, module.encode_text(captions))
+    out_u = module.unet(x_t, mt, module.encode_text([""] * 3))
+    guided_target = (noise - z0) + 0.5 * (out - out_u).detach()
+    expected = (out - guided_target).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+    assert (out - out_u).abs().max() > 1e-5  # the prompt has an effect to amplify
+    assert not torch.equal(loss, (out - (noise - z0)).pow(2).mean())  # and the guidance moved the target
+    # the target is a constant: the gradient is the plain regression's toward it, nothing through out_u
+    grads = torch.autograd.grad(loss, list(module.unet.parameters()))
+    want = torch.autograd.grad(expected, list(module.unet.parameters()))
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w)
+    # a dropped caption (the unconditional sample) keeps the plain target
+    dropped = tiny_ldm(model_guidance=0.5, **{**kw, "cond_drop_prob": 1.0})
+    plain = tiny_ldm(**{**kw, "cond_drop_prob": 1.0})
+    dropped.load_state_dict(module.state_dict())
+    plain.load_state_dict(module.state_dict())
+    torch.testing.assert_close(dropped.diffusion_loss(DiagonalGaussian(moments), captions, 7)[0],
+                               plain.diffusion_loss(DiagonalGaussian(moments), captions, 7)[0])

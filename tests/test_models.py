@@ -82,6 +82,46 @@ def test_unet_context_changes_output_and_checkpointing_matches():
     torch.testing.assert_close(ckpt(x, t, c1), unet(x, t, c1))
 
 
+def test_pooled_context_reaches_the_resblocks_and_starts_as_a_no_op():
+    torch.manual_seed(0)
+    unet = unet_preset("tiny", in_channels=4, out_channels=4, pooled_context=True)
+    for name, p in unet.named_parameters():  # keep the attention outputs zero: only the pooled path may carry c
+        if "proj_out" not in name and "context_embed.2" not in name:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    c1, c2 = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
+    # zero-initialised last layer: the prompt has no effect yet, as in a UNet without the pooled path
+    torch.testing.assert_close(unet(x, t, c1), unet(x, t, c2))
+    torch.nn.init.normal_(unet.context_embed[2].weight, std=0.05)
+    assert not torch.allclose(unet(x, t, c1), unet(x, t, c2))
+    plain = unet_preset("tiny", in_channels=4, out_channels=4)
+    plain.load_state_dict({k: v for k, v in unet.state_dict().items() if not k.startswith("context_embed")})
+    torch.testing.assert_close(plain(x, t, c1), plain(x, t, c2))  # without it, zero attention outputs hide c
+    assert unet.config["pooled_context"] is True
+    with pytest.raises(ValueError, match="pooled_context needs the context"):
+        unet(x, t, None)
+    with pytest.raises(ValueError, match="pooled_context needs a context"):
+        UNetModel(model_channels=32, channel_mult=[1], num_head_channels=32, pooled_context=True)
+
+
+def test_pooled_context_round_trips_and_maps_to_diffusers_projection_class_embedding(tmp_path):
+    from ldm.checkpoints.unet import config_from_diffusers, diffusers_config, guess_arch
+
+    unet = unet_preset("tiny", in_channels=4, out_channels=4, pooled_context=True)
+    torch.nn.init.normal_(unet.context_embed[2].weight, std=0.05)
+    back = UNetModel.from_pretrained(unet.save_pretrained(tmp_path / "ours"))
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 7, 64)
+    torch.testing.assert_close(back(x, t, c), unet(x, t, c))
+    assert guess_arch(unet.state_dict())["pooled_context"] is True  # a CompVis-key file says so by its keys
+    dcfg = diffusers_config(unet.config)  # outputs checked against diffusers in tests/test_unet_compat.py
+    assert dcfg["class_embed_type"] == "projection" and dcfg["projection_class_embeddings_input_dim"] == 64
+    assert config_from_diffusers(dcfg)["pooled_context"] is True
+    with pytest.raises(ValueError, match="must equal cross_attention_dim"):
+        config_from_diffusers({**dcfg, "projection_class_embeddings_input_dim": 32})
+    with pytest.raises(ValueError, match="one class_embedding"):
+        diffusers_config({**unet.config, "num_classes": 3})
+
+
 def test_unet_rejects_ambiguous_heads():
     with pytest.raises(ValueError, match="num_heads"):
         UNetModel(model_channels=32, channel_mult=[1], num_heads=2, num_head_channels=16)

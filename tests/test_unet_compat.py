@@ -60,7 +60,8 @@ def diffusers_unet(kind: str, seed: int = 0) -> UNet2DConditionModel:
 def assert_same_output(ours: UNetModel, theirs: UNet2DConditionModel, context_dim: int, **extra) -> None:
     x, t, c = inputs(context_dim)
     with torch.no_grad():
-        a = ours.eval()(x, t, c, **({"y": extra["class_labels"]} if extra else {}))
+        y = extra["class_labels"] if extra and not ours.config.get("pooled_context") else None
+        a = ours.eval()(x, t, c, y=y)
         b = theirs.eval()(x, t, encoder_hidden_states=c, return_dict=False, **extra)[0]
     assert b.abs().max() > 1e-2  # a meaningful comparison
     assert (a - b).abs().max() < 1e-4
@@ -101,13 +102,16 @@ def test_compvis_checkpoints_load_live_or_ema_weights(kind, tmp_path):
     assert_same_output(UNetModel.from_pretrained(unet_only, **partial), live_model, arch["context_dim"])
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-classes", "sd1-groups8"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-classes", "sd1-groups8", "sd2-pooled"])
 def test_ours_round_trips_through_diffusers_and_compvis(kind, tmp_path):
     arch = dict(OURS[kind.split("-")[0]], num_classes=5 if kind.endswith("classes") else None)
     if kind.endswith("groups8"):  # the tiny preset's GroupNorm: diffusers' norm_num_groups carries it
         arch["norm_num_groups"] = 8
+    arch["pooled_context"] = kind.endswith("pooled")
     ours = randomize(UNetModel(**arch), seed=3)
     extra = {"class_labels": torch.tensor([1, 4])} if arch["num_classes"] else {}
+    if arch["pooled_context"]:  # diffusers' projection class embedding, fed the context's token mean
+        extra = {"class_labels": inputs(arch["context_dim"])[2].mean(dim=1)}
     save_diffusers(ours, tmp_path / "diffusers", sample_size=16)
     theirs, info = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers", output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info

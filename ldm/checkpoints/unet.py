@@ -58,6 +58,9 @@ def diffusers_config(config: dict[str, Any], sample_size: int | None = None) -> 
                          f"be a multiple of it, got model_channels * channel_mult = {widths}")
     if config.get("context_dim") is None:
         raise ValueError("diffusers UNet2DConditionModel needs a cross-attention width: context_dim is None")
+    pooled = bool(config.get("pooled_context"))
+    if pooled and config.get("num_classes") is not None:
+        raise ValueError("num_classes and pooled_context both need diffusers' one class_embedding: use one")
     attn = [2 ** i in ds_attn for i in range(len(mult))]
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
@@ -80,6 +83,10 @@ def diffusers_config(config: dict[str, Any], sample_size: int | None = None) -> 
         "transformer_layers_per_block": config["transformer_depth"], "num_class_embeds": config.get("num_classes"),
         "dropout": config.get("dropout", 0.0), "upcast_attention": False, "norm_num_groups": groups,
         **DIFFUSERS_FIXED,
+        # pooled_context: diffusers' "projection" class embedding is the same two-layer MLP added to the time
+        # embedding; a diffusers caller passes class_labels=encoder_hidden_states.mean(dim=1).
+        "class_embed_type": "projection" if pooled else None,
+        "projection_class_embeddings_input_dim": config["context_dim"] if pooled else None,
     }
 
 
@@ -89,6 +96,8 @@ def config_from_diffusers(dcfg: dict[str, Any], source: str = "config.json") -> 
         return ValueError(f"{source}: {key}={dcfg.get(key)!r} is not supported by UNetModel ({why})")
 
     for key, value in DIFFUSERS_FIXED.items():
+        if key == "class_embed_type" and dcfg.get(key) == "projection":
+            continue  # pooled_context, checked below
         got = dcfg.get(key, value)
         values = got if isinstance(got, list | tuple) and not isinstance(value, list | tuple) else [got]
         if any(v != value and not (isinstance(v, int | float) and isinstance(value, int | float)
@@ -119,6 +128,10 @@ def config_from_diffusers(dcfg: dict[str, Any], source: str = "config.json") -> 
         if len(set(context_dim)) != 1:
             raise fail("cross_attention_dim", "one width for all levels")
         context_dim = context_dim[0]
+    pooled = dcfg.get("class_embed_type") == "projection"
+    if pooled and dcfg.get("projection_class_embeddings_input_dim") != context_dim:
+        raise fail("projection_class_embeddings_input_dim", "pooled_context projects the token mean of the "
+                   f"context: it must equal cross_attention_dim={context_dim}")
     heads = dcfg.get("num_attention_heads") or dcfg.get("attention_head_dim", 8)
     heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
     # Levels with attention, plus the middle block (which uses the last level's entry).
@@ -137,6 +150,7 @@ def config_from_diffusers(dcfg: dict[str, Any], source: str = "config.json") -> 
         "use_linear_in_transformer": bool(dcfg.get("use_linear_projection", False)),
         "norm_num_groups": int(dcfg.get("norm_num_groups", 32)),
         "dropout": float(dcfg.get("dropout", 0.0)), "num_classes": dcfg.get("num_class_embeds"),
+        "pooled_context": pooled,
     }
 
 
@@ -148,7 +162,8 @@ def module_table(config: dict[str, Any]) -> list[tuple[str, str, bool]]:
     mult, nrb, attn_at = config["channel_mult"], config["num_res_blocks"], set(config["attention_resolutions"])
     table = [("time_embed.0", "time_embedding.linear_1", False), ("time_embed.2", "time_embedding.linear_2", False),
              ("input_blocks.0.0", "conv_in", False), ("out.0", "conv_norm_out", False), ("out.2", "conv_out", False),
-             ("label_emb", "class_embedding", False),
+             ("label_emb", "class_embedding", False), ("context_embed.0", "class_embedding.linear_1", False),
+             ("context_embed.2", "class_embedding.linear_2", False),
              ("middle_block.0", "mid_block.resnets.0", True), ("middle_block.1", "mid_block.attentions.0", False),
              ("middle_block.2", "mid_block.resnets.1", True)]
     n = 1
@@ -363,6 +378,8 @@ def guess_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         config["context_dim"] = to_k.shape[1]
     if "label_emb.weight" in state:
         config["num_classes"] = state["label_emb.weight"].shape[0]
+    if "context_embed.0.weight" in state:
+        config["pooled_context"] = True
     config.update(_levels(state, config["model_channels"]))
     return config
 

@@ -35,12 +35,15 @@ class LatentDiffusionModule(pl.LightningModule):
                  guidance_scale: float = 3.0, guidance_interval: list[float] | None = None, eta: float = 0.0,
                  val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
-                 seed: int = 0, metrics: dict[str, Any] | None = None):
+                 seed: int = 0, metrics: dict[str, Any] | None = None, model_guidance: float = 0.0):
         super().__init__()
         check_prediction_type(prediction_type)
         check_sampler(sampler, prediction_type)
         check_guidance_interval(guidance_interval)
         check_decay_fraction(lr_decay_fraction, lr_decay_end, min_lr_factor)
+        if not 0.0 <= model_guidance < 1.0:
+            raise ValueError(f"stage.module.model_guidance must be in [0, 1), got {model_guidance}: the trained "
+                             "guidance is w / (1 - w) times the learned one, which has no fixed point at w >= 1")
         # autoencoder_path only matters when training starts; a checkpoint carries the weights itself.
         self.save_hyperparameters(ignore=["autoencoder_path"])
         self.autoencoder = build_autoencoder(autoencoder)  # AutoencoderKL, or the identity (pixel space)
@@ -147,16 +150,33 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.hparams.offset_noise:  # a per-channel constant lets the model change overall brightness
             noise = noise + self.hparams.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=gen,
                                                                     device=z0.device, dtype=z0.dtype)
-        per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context)
+        guide = None
+        if self.hparams.get("model_guidance") and context is not None:
+            keep = (~drop).to(device=z0.device, dtype=torch.float32).view(-1, 1, 1, 1)
+            with torch.no_grad():
+                uncond = self.encode_text([""]).expand(len(captions), -1, -1)
+            guide = (self.hparams.model_guidance * keep, uncond)
+        per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context, guide)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
         return loss, per_sample
 
     def denoising_error(self, unet: torch.nn.Module, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                        context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample squared error of `unet` against the objective's target at timesteps t, and the SNR."""
+                        context: torch.Tensor, guide: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample squared error of `unet` against the objective's target at timesteps t, and the SNR.
+
+        guide = (w, unconditional context): model guidance (Tang et al. 2025), the target moved by w times the
+        network's own, gradient-free conditional-minus-unconditional output, so the prompt's effect is learned
+        amplified instead of waiting for sampling-time guidance to amplify it."""
         alpha, sigma = self.schedule.coefficients(t, z0.ndim)
-        out = unet(self.schedule.add_noise(z0, noise, t), self.schedule.model_time(t), context)
+        x_t, model_t = self.schedule.add_noise(z0, noise, t), self.schedule.model_time(t)
+        out = unet(x_t, model_t, context)
         target = training_target(self.hparams.prediction_type, z0, noise, alpha, sigma)
+        if guide is not None:
+            weight, uncond = guide
+            with torch.no_grad():
+                out_u = unet(x_t, model_t, uncond)
+            target = target.float() + weight * (out.detach().float() - out_u.float())
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return per_sample, (alpha / sigma).flatten().float() ** 2
 

@@ -235,8 +235,11 @@ class UNetModel(nn.Module):
                  attention_resolutions: Sequence[int] = (4, 2, 1), num_heads: int = -1,
                  num_head_channels: int = -1, transformer_depth: int = 1, context_dim: int | None = None,
                  use_linear_in_transformer: bool = False, dropout: float = 0.0,
-                 use_checkpoint: bool = False, num_classes: int | None = None, norm_num_groups: int = 32):
+                 use_checkpoint: bool = False, num_classes: int | None = None, norm_num_groups: int = 32,
+                 pooled_context: bool = False):
         super().__init__()
+        if pooled_context and not context_dim:
+            raise ValueError("model.unet.pooled_context needs a context (a text or class conditioner)")
         if (num_heads == -1) == (num_head_channels == -1):
             raise ValueError("model.unet: set exactly one of num_heads and num_head_channels")
         if not channel_mult or num_res_blocks < 1 or model_channels < 1:
@@ -254,13 +257,19 @@ class UNetModel(nn.Module):
             attention_resolutions=list(attention_resolutions), num_heads=num_heads,
             num_head_channels=num_head_channels, transformer_depth=transformer_depth, context_dim=context_dim,
             use_linear_in_transformer=use_linear_in_transformer, dropout=dropout,
-            use_checkpoint=use_checkpoint, num_classes=num_classes, norm_num_groups=norm_num_groups)
+            use_checkpoint=use_checkpoint, num_classes=num_classes, norm_num_groups=norm_num_groups,
+            pooled_context=pooled_context)
         self.model_channels = model_channels
         self.use_checkpoint = use_checkpoint
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
+        if pooled_context:
+            # The prompt's token mean joins the time embedding, so every ResBlock sees it through its scale and
+            # shift (SDXL adds its pooled text embedding the same way); zero-initialised, it starts as a no-op.
+            self.context_embed = nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(),
+                                               zero_module(nn.Linear(emb_dim, emb_dim)))
 
         def attention(ch: int) -> SpatialTransformer:
             heads = num_heads if num_heads != -1 else ch // num_head_channels
@@ -334,6 +343,10 @@ class UNetModel(nn.Module):
             raise ValueError("UNetModel: pass class labels y exactly when the model has num_classes")
         if y is not None:
             emb = emb + self.label_emb(y).to(emb.dtype)
+        if hasattr(self, "context_embed"):
+            if context is None:
+                raise ValueError("UNetModel: pooled_context needs the context")
+            emb = emb + self.context_embed(context.mean(dim=1).to(emb.dtype))
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context, self.use_checkpoint)
