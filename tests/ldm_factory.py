@@ -16,7 +16,8 @@ def preset(group: str, name: str, **overrides: Any) -> dict[str, Any]:
     return out
 
 
-def tiny_ldm(resolution: int = 8, text_encoder: dict[str, Any] | None = None, **module_kwargs: Any):
+def tiny_ldm(resolution: int = 8, text_encoder: dict[str, Any] | None = None, unet: dict[str, Any] | None = None,
+             **module_kwargs: Any):
     """A LatentDiffusionModule at `resolution` px (latents resolution / 2) small enough for a CPU step in ms."""
     from ldm.diffusion.module import LatentDiffusionModule
 
@@ -24,7 +25,7 @@ def tiny_ldm(resolution: int = 8, text_encoder: dict[str, Any] | None = None, **
     kwargs.update(module_kwargs)
     return LatentDiffusionModule(
         unet=preset("unet", "tiny", model_channels=16, channel_mult=[1, 2], attention_resolutions=[2],
-                    num_head_channels=16),
+                    num_head_channels=16, **(unet or {})),
         text_encoder=text_encoder or preset("text_encoder", "tiny", width=32, heads=2, layers=1),
         autoencoder=preset("autoencoder", "tiny", resolution=resolution),
         **kwargs)

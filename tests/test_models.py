@@ -142,3 +142,12 @@ def test_text_encoder_deterministic_frozen_and_prompt_sensitive():
     assert pen(prompts).shape == (2, 77, 32)
     with pytest.raises(ValueError, match="layer"):
         OpenCLIPTextEncoder(layer="middle")
+
+
+def test_a_pooled_context_model_is_no_stable_diffusion_pipeline():
+    from ldm.checkpoints.pipeline import pipeline_text_encoder
+    from tests.ldm_factory import tiny_ldm
+
+    assert pipeline_text_encoder(tiny_ldm()) is not None  # the same model without it exports
+    with pytest.raises(ValueError, match="pass class_labels=prompt_embeds.mean"):
+        pipeline_text_encoder(tiny_ldm(unet={"pooled_context": True}))

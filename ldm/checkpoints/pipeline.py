@@ -135,6 +135,9 @@ def pipeline_text_encoder(module: Any) -> Any:
         raise ValueError(f"text_encoder kind={kind}: StableDiffusionPipeline conditions on CLIP text only "
                          f"(class-conditional and unconditional models have no text encoder to export)")
     sched.scheduler_config(module.hparams.prediction_type, None)  # flow: says why
+    if module.unet.config.get("pooled_context"):
+        raise ValueError("model.unet.pooled_context: StableDiffusionPipeline passes no class_labels to its UNet; "
+                         "load the diffusers UNet alone and pass class_labels=prompt_embeds.mean(dim=1)")
     return encoder
 
 
