@@ -56,6 +56,8 @@ class LatentDiffusionModule(pl.LightningModule):
         arch["in_channels"] = arch.get("in_channels") or self.autoencoder.latent_channels
         arch["out_channels"] = arch.get("out_channels") or self.autoencoder.latent_channels
         arch["context_dim"] = arch.get("context_dim") or self.text_encoder.output_dim
+        if arch.get("pooled_context") and not arch["context_dim"]:
+            arch["pooled_context"] = False  # an unconditional model has no prompt to pool (the shapes recipe sets it)
         self.unet = UNetModel(**arch)
         self.ema = EMA(self.unet, decay=ema_decay)
         # A trainable conditioner (class embeddings, an unfrozen text tower) is averaged like the UNet.
