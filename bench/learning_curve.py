@@ -97,6 +97,8 @@ RECIPES: dict[str, list[str]] = {
     # the pooled path gives every level the prompt: is attention at 16x16 (30% of a step) still needed?
     "shapes_wsd1950_pooled_attn84": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=1950",
                                      "model.unet.pooled_context=true", "model.unet.attention_resolutions=[2,4]"],
+    "shapes_wsd2800_pooled_attn84": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=2800",
+                                     "model.unet.pooled_context=true", "model.unet.attention_resolutions=[2,4]"],
     "shapes_bs16_wsd2600_pooled": [*SHAPES, "stage.module.lr_decay_fraction=0.5", "stage.module.lr_decay_end=2600",
                                    "model.unet.pooled_context=true", "data.batch_size=16"],
     # compression factor at equal UNet settings (the shapes recipe): pixel space, f2, f4
