@@ -13,6 +13,7 @@ from ldm.checkpoints.unet import (
     config_from_diffusers,
     diffusers_config,
     diffusers_to_compvis,
+    guess_arch,
     save_compvis,
     save_diffusers,
 )
@@ -102,12 +103,14 @@ def test_compvis_checkpoints_load_live_or_ema_weights(kind, tmp_path):
     assert_same_output(UNetModel.from_pretrained(unet_only, **partial), live_model, arch["context_dim"])
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-classes", "sd1-groups8", "sd2-pooled"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-classes", "sd1-groups8", "sd2-pooled",
+                                  "sd2-pooled-scaleshift"])
 def test_ours_round_trips_through_diffusers_and_compvis(kind, tmp_path):
     arch = dict(OURS[kind.split("-")[0]], num_classes=5 if kind.endswith("classes") else None)
     if kind.endswith("groups8"):  # the tiny preset's GroupNorm: diffusers' norm_num_groups carries it
         arch["norm_num_groups"] = 8
-    arch["pooled_context"] = kind.endswith("pooled")
+    arch["pooled_context"] = "pooled" in kind
+    arch["use_scale_shift_norm"] = kind.endswith("scaleshift")  # diffusers' resnet_time_scale_shift="scale_shift"
     ours = randomize(UNetModel(**arch), seed=3)
     extra = {"class_labels": torch.tensor([1, 4])} if arch["num_classes"] else {}
     if arch["pooled_context"]:  # diffusers' projection class embedding, fed the context's token mean
@@ -116,6 +119,7 @@ def test_ours_round_trips_through_diffusers_and_compvis(kind, tmp_path):
     theirs, info = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers", output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     assert_same_output(ours, theirs, arch["context_dim"], **extra)
+    assert guess_arch(ours.state_dict()).get("use_scale_shift_norm", False) == arch["use_scale_shift_norm"]
     for path in (tmp_path / "sd.safetensors", tmp_path / "sd.ckpt"):
         save_compvis(ours, path, ema=ours)
         back = UNetModel.from_pretrained(path, use_ema=True, **arch)

@@ -87,6 +87,8 @@ def diffusers_config(config: dict[str, Any], sample_size: int | None = None) -> 
         # embedding; a diffusers caller passes class_labels=encoder_hidden_states.mean(dim=1).
         "class_embed_type": "projection" if pooled else None,
         "projection_class_embeddings_input_dim": config["context_dim"] if pooled else None,
+        # use_scale_shift_norm: the same (1 + scale, shift) on norm2's output, time_emb_proj twice as wide
+        "resnet_time_scale_shift": "scale_shift" if config.get("use_scale_shift_norm") else "default",
     }
 
 
@@ -98,6 +100,8 @@ def config_from_diffusers(dcfg: dict[str, Any], source: str = "config.json") -> 
     for key, value in DIFFUSERS_FIXED.items():
         if key == "class_embed_type" and dcfg.get(key) == "projection":
             continue  # pooled_context, checked below
+        if key == "resnet_time_scale_shift" and dcfg.get(key) == "scale_shift":
+            continue  # use_scale_shift_norm
         got = dcfg.get(key, value)
         values = got if isinstance(got, list | tuple) and not isinstance(value, list | tuple) else [got]
         if any(v != value and not (isinstance(v, int | float) and isinstance(value, int | float)
@@ -151,6 +155,7 @@ def config_from_diffusers(dcfg: dict[str, Any], source: str = "config.json") -> 
         "norm_num_groups": int(dcfg.get("norm_num_groups", 32)),
         "dropout": float(dcfg.get("dropout", 0.0)), "num_classes": dcfg.get("num_class_embeds"),
         "pooled_context": pooled,
+        "use_scale_shift_norm": dcfg.get("resnet_time_scale_shift") == "scale_shift",
     }
 
 
@@ -380,6 +385,10 @@ def guess_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         config["num_classes"] = state["label_emb.weight"].shape[0]
     if "context_embed.0.weight" in state:
         config["pooled_context"] = True
+    emb = state.get("input_blocks.1.0.emb_layers.1.weight")
+    out = state.get("input_blocks.1.0.out_layers.3.weight")
+    if emb is not None and out is not None and emb.shape[0] == 2 * out.shape[0]:
+        config["use_scale_shift_norm"] = True  # the embedding projects to a scale and a shift per channel
     config.update(_levels(state, config["model_channels"]))
     return config
 

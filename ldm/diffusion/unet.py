@@ -29,17 +29,23 @@ class TimestepBlock(nn.Module):
 class ResBlock(TimestepBlock):
     """CompVis ResBlock: GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-(dropout)-conv.
 
+    With use_scale_shift_norm the embedding instead scales and shifts the second GroupNorm's output
+    (ADM's adaptive GroupNorm; diffusers' resnet_time_scale_shift="scale_shift"): the time and pooled
+    prompt gate features multiplicatively rather than only biasing them.
+
     The forward calls the submodules itself so it can skip p=0 dropout and work in place on
     intermediates that autograd does not keep (conv outputs, GroupNorm outputs).
     """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0,
-                 groups: int = 32):
+                 groups: int = 32, use_scale_shift_norm: bool = False):
         super().__init__()
         out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(group_norm(channels, groups, eps=1e-5), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        emb_out = (2 if use_scale_shift_norm else 1) * out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(group_norm(out_channels, groups, eps=1e-5), nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
@@ -48,8 +54,13 @@ class ResBlock(TimestepBlock):
         norm1, _, conv1 = self.in_layers
         norm2, _, drop, conv2 = self.out_layers
         h = conv1(F.silu(norm1(x), inplace=True))
-        h += self.emb_layers[1](F.silu(emb))[:, :, None, None].to(h.dtype)
-        h = F.silu(norm2(h), inplace=True)
+        emb_out = self.emb_layers[1](F.silu(emb))[:, :, None, None].to(h.dtype)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = torch.addcmul(shift, norm2(h), 1 + scale)
+        else:
+            h = norm2(h.add_(emb_out))
+        h = F.silu(h, inplace=True)
         if drop.p and self.training:
             h = drop(h)
         return conv2(h).add_(self._skip(x))
@@ -236,7 +247,7 @@ class UNetModel(nn.Module):
                  num_head_channels: int = -1, transformer_depth: int = 1, context_dim: int | None = None,
                  use_linear_in_transformer: bool = False, dropout: float = 0.0,
                  use_checkpoint: bool = False, num_classes: int | None = None, norm_num_groups: int = 32,
-                 pooled_context: bool = False):
+                 pooled_context: bool = False, use_scale_shift_norm: bool = False):
         super().__init__()
         if pooled_context and not context_dim:
             raise ValueError("model.unet.pooled_context needs a context (a text or class conditioner)")
@@ -258,7 +269,7 @@ class UNetModel(nn.Module):
             num_head_channels=num_head_channels, transformer_depth=transformer_depth, context_dim=context_dim,
             use_linear_in_transformer=use_linear_in_transformer, dropout=dropout,
             use_checkpoint=use_checkpoint, num_classes=num_classes, norm_num_groups=norm_num_groups,
-            pooled_context=pooled_context)
+            pooled_context=pooled_context, use_scale_shift_norm=use_scale_shift_norm)
         self.model_channels = model_channels
         self.use_checkpoint = use_checkpoint
         emb_dim = model_channels * 4
@@ -277,13 +288,16 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim, dropout,
                                       use_linear_in_transformer, use_checkpoint, norm_num_groups)
 
+        def resblock(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, ch_out, dropout, norm_num_groups, use_scale_shift_norm)
+
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3,
                                                                              padding=1))])
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * model_channels, dropout, norm_num_groups)]
+                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
@@ -293,12 +307,11 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, dropout, norm_num_groups), attention(ch),
-                                                    ResBlock(ch, emb_dim, ch, dropout, norm_num_groups))
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * model_channels, dropout, norm_num_groups)]
+                layers = [resblock(ch + skip_channels.pop(), mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
