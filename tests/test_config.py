@@ -99,7 +99,8 @@ def test_shapes_recipe_applies_to_shapes_data_only():
     shapes = compose_train("stage=ldm")
     assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler_ancestral"
     assert shapes.model.text_encoder.freeze is False and shapes.model.unet.pooled_context is True
-    assert list(shapes.model.unet.attention_resolutions) == [2, 4] and shapes.trainer.max_steps == 1950
+    assert list(shapes.model.unet.attention_resolutions) == [4] and list(shapes.model.unet.channel_mult) == [1, 2, 2]
+    assert shapes.data.batch_size == 64 and shapes.trainer.max_steps == shapes.trainer.val_check_interval == 2400
     assert shapes.stage.module.lr_decay_fraction == 0.5 and list(shapes.stage.module.guidance_interval) == [0.3, 1.0]
     assert compose_train("stage.module.equivariance_weight=1.0").stage.module.equivariance_weight == 1.0
     assert compose_train("data=webdataset").stage.module.equivariance_weight == 0.0  # the paper's loss
@@ -107,6 +108,7 @@ def test_shapes_recipe_applies_to_shapes_data_only():
     for cfg in (compose_train("stage=ldm", "data=webdataset"), compose_train("stage=ldm", "~recipe")):
         assert cfg.stage.module.prediction_type == "epsilon" and cfg.stage.module.sampler == "ddim"
         assert cfg.model.text_encoder.freeze is True and cfg.model.unet.pooled_context is False
+        assert list(cfg.model.unet.channel_mult) == [1, 2, 4]
     assert compose_train("stage=ldm", "stage.module.lr=7e-4").stage.module.lr == 7e-4  # the command line wins
     assert compose_train("stage=ldm", "experiment=v_prediction").stage.module.sampler == "ddim"  # presets too
     assert "prediction_type" not in compose_train().stage.module  # stage=vae: nothing of stage 2's recipe
