@@ -100,7 +100,7 @@ def test_shapes_recipe_applies_to_shapes_data_only():
     assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler_ancestral"
     assert shapes.model.text_encoder.freeze is False and shapes.model.unet.pooled_context is True
     assert list(shapes.model.unet.attention_resolutions) == [4] and list(shapes.model.unet.channel_mult) == [1, 2, 2]
-    assert shapes.data.batch_size == 64 and shapes.trainer.max_steps == shapes.trainer.val_check_interval == 2400
+    assert shapes.data.batch_size == 64 and shapes.trainer.max_steps == shapes.trainer.val_check_interval == 2200
     assert shapes.stage.module.lr_decay_fraction == 0.5 and list(shapes.stage.module.guidance_interval) == [0.3, 1.0]
     assert compose_train("stage.module.equivariance_weight=1.0").stage.module.equivariance_weight == 1.0
     assert compose_train("data=webdataset").stage.module.equivariance_weight == 0.0  # the paper's loss
