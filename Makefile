@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SHAPES  ?= data/shapes
+LATENTS ?= data/shapes-latents
 
 .PHONY: train test test-slurm lint data vae ldm sample clean-runs
 
@@ -28,10 +29,17 @@ ldm: data
 sample:
 	$(BIN)/python sample.py
 
-# The whole pipeline on the built-in shapes data: stage 1, stage 2, then a grid of samples.
+# The whole pipeline on the built-in shapes data: stage 1; the data set encoded once by its autoencoder, so
+# stage 2 never runs the encoder (0.24 against 0.26 s a step on 2 cores); stage 2; then a grid of samples.
 train: data
 	$(BIN)/python train.py stage=vae
-	$(BIN)/python train.py stage=ldm
+	rm -rf $(LATENTS)
+	$(BIN)/python -m ldm.data.latents --autoencoder exports/autoencoder --shards $(SHAPES)/train \
+		--out $(LATENTS)/train --resolution 32 --batch-size 256
+	$(BIN)/python -m ldm.data.latents --autoencoder exports/autoencoder --shards $(SHAPES)/val \
+		--out $(LATENTS)/val --resolution 32 --batch-size 256
+	$(BIN)/python train.py stage=ldm data.latents=true \
+		data.train_shards=$(LATENTS)/train data.val_shards=$(LATENTS)/val
 	$(BIN)/python sample.py shapes_prompts=64 out=samples/make-train
 
 test: $(STAMP)

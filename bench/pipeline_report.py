@@ -2,7 +2,8 @@
 
     python bench/pipeline_report.py [--runs runs] [--samples samples/make-train]
 
-Per stage: its own wall time (summary.json), steps and metrics; the sampling step's time (from the stage=ldm
+Per stage: its own wall time (summary.json), steps and metrics; the time to encode the data set into latents
+(from the stage=vae summary to the last latents.json); the sampling step's time (from the stage=ldm
 summary to the last sample written, start-up included) and the whole pipeline's span (stage=vae start to the
 manifest). Then the samples' prompt accuracy by the shapes analyzer, re-scored from the PNGs, and what failed:
 per attribute, the (asked -> drawn) confusions.
@@ -51,8 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--samples", default="samples/make-train")
+    parser.add_argument("--latents", default="data/shapes-latents", help="where make train encodes the data set")
     args = parser.parse_args()
-    runs, samples = Path(args.runs), Path(args.samples)
+    runs, samples, latents = Path(args.runs), Path(args.samples), Path(args.latents)
     found = {}
     for stage in ("vae", "ldm"):
         s = latest_summary(runs, stage)
@@ -64,6 +66,11 @@ def main() -> None:
         keys = [k for k in summary["metrics"] if "accuracy" in k or k in ("val/psnr", "val/loss", "val/l1")]
         shown = ", ".join(f"{k}={summary['metrics'][k]:.3f}" for k in sorted(keys))
         print(f"stage={stage}: {summary['wall_seconds']:.0f} s, {summary['global_step']} steps; {shown}")
+    encoded = [latents / split / "latents.json" for split in ("train", "val")]
+    if "vae" in found and all(p.exists() for p in encoded):
+        took = max(p.stat().st_mtime for p in encoded) - found["vae"][1]
+        if took > 0:  # encoded after this stage=vae run finished
+            print(f"encoding the data set into {latents} (python -m ldm.data.latents, start-up included): {took:.0f} s")
     manifest = samples / "manifest.jsonl"
     if manifest.exists() and "ldm" in found:
         sampling = manifest.stat().st_mtime - found["ldm"][1]

@@ -100,7 +100,7 @@ def test_shapes_recipe_applies_to_shapes_data_only():
     assert shapes.stage.module.prediction_type == "flow" and shapes.stage.module.sampler == "euler_ancestral"
     assert shapes.model.text_encoder.freeze is False and shapes.model.unet.pooled_context is True
     assert list(shapes.model.unet.attention_resolutions) == [4] and list(shapes.model.unet.channel_mult) == [1, 2, 2]
-    assert shapes.data.batch_size == 64 and shapes.trainer.max_steps == shapes.trainer.val_check_interval == 2200
+    assert shapes.data.batch_size == 64 and shapes.trainer.max_steps == shapes.trainer.val_check_interval == 2800
     assert shapes.stage.module.lr_decay_fraction == 0.5 and list(shapes.stage.module.guidance_interval) == [0.3, 1.0]
     assert compose_train("stage.module.equivariance_weight=1.0").stage.module.equivariance_weight == 1.0
     assert compose_train("data=webdataset").stage.module.equivariance_weight == 0.0  # the paper's loss
@@ -112,3 +112,19 @@ def test_shapes_recipe_applies_to_shapes_data_only():
     assert compose_train("stage=ldm", "stage.module.lr=7e-4").stage.module.lr == 7e-4  # the command line wins
     assert compose_train("stage=ldm", "experiment=v_prediction").stage.module.sampler == "ddim"  # presets too
     assert "prediction_type" not in compose_train().stage.module  # stage=vae: nothing of stage 2's recipe
+
+
+def test_make_train_stage2_reads_latents_with_the_shapes_recipe():
+    """make train's stage=ldm line trains from the encoded shards and still gets the built-in recipe."""
+    import shlex
+
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "train.py stage=ldm" in ln and "latents" in ln)
+    overrides = [w.replace("$(LATENTS)", "data/shapes-latents") for w in shlex.split(line)[2:]]
+    cfg = compose_train(*overrides)
+    assert cfg.data.name == "shapes" and cfg.data.latents is True
+    assert cfg.data.train_shards == "data/shapes-latents/train" and cfg.data.val_shards == "data/shapes-latents/val"
+    assert cfg.stage.module.prediction_type == "flow" and cfg.data.batch_size == 64  # the recipe still applies
+    encode = [ln for ln in text.splitlines() if "ldm.data.latents" in ln]
+    assert len(encode) == 2 and all("--resolution 32" in ln for ln in encode)
+    assert cfg.data.resolution == 32
