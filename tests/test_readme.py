@@ -24,7 +24,8 @@ from .conftest import ROOT
 README = ROOT / "README.md"
 
 SKIP = {
-    "make train": "the 20-minute built-in run; its three steps (train.py stage=vae, stage=ldm, sample.py) run below",
+    "make train": "the 20-minute built-in run; its steps (train.py stage=vae, python -m ldm.data.latents, "
+        "stage=ldm data.latents=true, sample.py) run below",
     "make test": "this test suite itself",
     ". .venv/bin/activate": "activates the environment this test already runs in",
     "python train.py stage=vae data=webdataset model/autoencoder=kl_f8 data.resolution=256":
