@@ -122,7 +122,7 @@ RECIPES: dict[str, list[str]] = {
 def load_shapes(shards: Path, cache: Path) -> tuple[torch.Tensor, list[str]]:
     """Every training image (uint8, N x 3 x H x W) and caption of the shapes shards, cached as one file."""
     if cache.exists():
-        data = torch.load(cache)
+        data = torch.load(cache, weights_only=True)
         return data["images"], data["captions"]
     from PIL import Image
 
@@ -271,7 +271,7 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, data: 
     batch = int(cfg.data.batch_size)
     module._ensure_scale_factor({"moments": moments[:batch]})
     if args.init:  # continue a saved model (weights and EMA; the optimizer starts afresh with its warm-up)
-        module.load_state_dict(torch.load(args.init))
+        module.load_state_dict(torch.load(args.init, weights_only=True))
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     prompts = prompt_set(args.prompts, seed=0)

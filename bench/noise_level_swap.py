@@ -30,7 +30,7 @@ def load(path: Path, autoencoder: str, overrides: list[str]) -> Any:
 
     module = build_module(lc.compose([o.format(f2=autoencoder) for o in lc.SHAPES] + overrides))
     module._ensure_scale_factor({"moments": torch.ones(2, 2 * module.autoencoder.latent_channels, 2, 2)})
-    module.load_state_dict(torch.load(path))
+    module.load_state_dict(torch.load(path, weights_only=True))
     return module.eval()
 
 

@@ -38,7 +38,8 @@ def evaluate(ckpt: Path, samplers: list[tuple[str, int]], num_prompts: int) -> l
     from ldm.data.shapes import prompt_set
     from ldm.diffusion.module import LatentDiffusionModule
 
-    module = LatentDiffusionModule.load_from_checkpoint(str(ckpt), map_location="cpu", autoencoder_path=None).eval()
+    module = LatentDiffusionModule.load_from_checkpoint(str(ckpt), map_location="cpu", autoencoder_path=None,
+                                                        weights_only=True).eval()
     prompts = prompt_set(num_prompts, seed=0)
     rows = []
     for sampler, steps in samplers:

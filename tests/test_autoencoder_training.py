@@ -90,7 +90,7 @@ def test_manual_optimization_counts_only_autoencoder_steps(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.loss.discriminator.parameters(), strict=True))
     for key in ("val/psnr", "val/ssim", "val/lpips", "val/rfid"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
-    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=False)
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=True)
     keys = ckpt["state_dict"].keys()
     assert any(k.startswith("loss.discriminator.") for k in keys)  # needed to resume the GAN
     assert not any(k.startswith(("loss.lpips.", "val_metrics.")) for k in keys)  # frozen nets stay out

@@ -89,7 +89,7 @@ def test_consecutive_nonfinite_losses_stop_with_a_checkpoint(tmp_path, one_threa
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses.*ckpt="):
         trainer.fit(module)
     (saved,) = ckpts.glob("nonfinite-step*.ckpt")
-    state = torch.load(saved, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(saved, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(state["layer.weight"], module.history[0])  # the weights of the last finite step
 
 
@@ -125,7 +125,7 @@ def test_fused_optimizer_consecutive_nonfinite_still_stop(tmp_path, one_thread):
         trainer.fit(module)
     assert trainer.global_step == 4  # read before the fifth update (the end of the first window), stopped there
     (saved,) = ckpts.glob("nonfinite-step*.ckpt")
-    state = torch.load(saved, map_location="cpu", weights_only=False)
+    state = torch.load(saved, map_location="cpu", weights_only=True)
     assert torch.equal(state["state_dict"]["layer.weight"], module.history[0])  # the last finite step's weights
     (guard_state,) = [v for k, v in state["callbacks"].items() if "NonFiniteLossGuard" in k]
     assert guard_state == {"skipped": 3}  # steps 1-3; the fifth never reached its update

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ldm.autoencoder.model import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
-from ldm.checkpoints.files import atomic_write
+from ldm.checkpoints.files import RefusedFileError, atomic_write, load_torch_file
 
 COMPVIS_PREFIX = "first_stage_model."
 DIFFUSERS_CONFIG = "config.json"
@@ -331,16 +331,9 @@ def read_state_dict(path: str | Path, vae_only: bool = False) -> dict[str, torch
         except Exception as err:  # SafetensorError: bad header, truncated file
             raise ValueError(f"{path}: not a readable .safetensors file: {err}") from err
     try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as err:  # UnpicklingError for disallowed globals, others for non-pickles
-        raise ValueError(f"{path}: refused or failed to load as a weights-only torch checkpoint "
-                         f"(arbitrary pickled objects are never executed; convert it to .safetensors): "
-                         f"{err}") from err
+        obj = load_torch_file(path)
+    except RefusedFileError as err:
+        raise ValueError(f"{err} (convert it to .safetensors)") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ldm.checkpoints.files import load_torch_file
+
 BUNDLE_CONFIG = "unet.json"
 EMA_WEIGHTS = "unet_ema.safetensors"
 TEXT_WEIGHTS = "text_encoder.safetensors"
@@ -125,8 +127,9 @@ def write_outside_layouts(module: Any, out: str | Path) -> list[Path]:
 def read_hparams(path: str | Path) -> dict[str, Any]:
     """The LatentDiffusionModule arguments of a bundle or a Lightning checkpoint, without building anything.
 
-    A checkpoint is memory-mapped, so this costs little even for a multi-GB file; it lets sample.py check
-    height, width and sampler before the model is loaded.
+    A checkpoint is read as data only (RefusedFileError for a file that would run code; nothing in it runs)
+    and memory-mapped, so this costs little even for a multi-GB file; it lets sample.py check height, width
+    and sampler before the model is loaded.
     """
     path = Path(path)
     if path.is_dir():
@@ -136,7 +139,7 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
                              f"re-export it from its checkpoint: python -m ldm.export --ckpt RUN/checkpoints/last.ckpt "
                              f"--out {path}")
         return {**meta["module"], "scale_factor": meta["scale_factor"]}
-    ckpt = torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)
+    ckpt = load_torch_file(path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "unet" not in hparams:
         raise ValueError(f"{path}: not a stage=ldm Lightning checkpoint (no LatentDiffusionModule hyper_parameters)")
@@ -179,6 +182,7 @@ def load_ldm(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
         return load_bundle(path, overrides)
     from ldm.diffusion.module import LatentDiffusionModule
 
+    read_hparams(path)  # refuses a foreign or code-carrying file with a one-line reason, before Lightning reads it
     module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None,
-                                                        **(overrides or {}))
+                                                        weights_only=True, **(overrides or {}))
     return module.eval()

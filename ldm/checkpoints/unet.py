@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,7 +17,13 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoints.files import atomic_write, save_safetensors, write_json
+from ldm.checkpoints.files import (
+    RefusedFileError,
+    atomic_write,
+    load_torch_file,
+    save_safetensors,
+    write_json,
+)
 from ldm.diffusion.unet import PRESETS, UNetModel
 
 LDM_PREFIX = "model.diffusion_model."
@@ -241,10 +246,9 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
 
         return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to unpickle: it holds objects other than tensors and plain containers "
-                         f"(only weights_only loading is allowed; convert it to .safetensors). {e}") from None
+        return load_torch_file(path, mmap=False)
+    except RefusedFileError as err:
+        raise ValueError(f"{err} (convert it to .safetensors)") from None
 
 
 def unet_state_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = False,

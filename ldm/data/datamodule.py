@@ -145,6 +145,16 @@ class ShardDataModule(pl.LightningDataModule):
         if self.min_size < 0 or self.retries < 0:
             raise ValueError("data.min_size and data.retries must be >= 0")
 
+    def check_shards(self) -> None:
+        """Every local shard named exists: a typo stops start-up, naming the key, not a loader worker mid-epoch."""
+        for key, spec in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
+            if spec is None:
+                continue
+            try:
+                expand_sources(spec) if key == "train_shards" else expand_shards(spec)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"data.{key}={spec!r}: {err}") from None
+
     def check_latent_shards(self) -> None:
         """Latent shards must come from this run's autoencoder (by hash); checked once, at start-up if asked."""
         if self._latents_checked:

@@ -41,6 +41,12 @@ def build_fid(extractor: str = "inception", num_features: int = 2048, feature_ex
     """FID that takes float images in [0, 1]; `extractor` is "inception" (standard) or "small" (offline)."""
     if extractor == "inception":
         feature: int | nn.Module = num_features
+        if feature_extractor_weights_path:
+            # torch-fidelity unpickles this file with weights_only=False: read it as data first, so a file that
+            # would run code is refused here (a pickle that passes uses only torch's safe types).
+            from ldm.checkpoints.files import load_torch_file
+
+            load_torch_file(feature_extractor_weights_path, mmap=False)
     elif extractor == "small":
         feature = SmallFeatureExtractor(num_features)
     else:

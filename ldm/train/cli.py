@@ -14,10 +14,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
+from ldm.checkpoints.files import RefusedFileError, load_torch_file
 from ldm.train.checkpoint_io import AtomicCheckpointIO
 from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
 from ldm.train.ddp import pin_run_dir_for_children
@@ -106,7 +108,20 @@ def resolve_resume(cfg: DictConfig, run_dir: Path | None = None) -> str | None:
         return str(found)
     if not Path(cfg.ckpt).exists():
         raise ConfigError(f"ckpt={cfg.ckpt}: no such file")
+    check_resumable(Path(cfg.ckpt))
     return str(cfg.ckpt)
+
+
+def check_resumable(path: Path) -> None:
+    """A file handed to `ckpt=` is read as data first: one that would run code, or is no Lightning checkpoint,
+    stops here with its reason instead of inside Lightning's loader with a traceback."""
+    try:
+        state = load_torch_file(path)
+    except RefusedFileError as err:
+        raise ConfigError(f"ckpt={path}: {err}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or "state_dict" not in state:
+        raise ConfigError(f"ckpt={path}: not a Lightning training checkpoint (no global_step and state_dict); "
+                          f"to start from weights, use model.init_from=PATH")
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -156,6 +171,23 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             load_weights(module, plan)
         return module
     raise ConfigError(f"stage={cfg.stage.name!r}: choose vae or ldm")
+
+
+def build_datamodule(data_args: dict[str, Any]) -> pl.LightningDataModule:
+    """The data config -> its datamodule, with every value and every local shard checked now: a bad one ends
+    start-up with one line naming the key (Hydra would wrap it in a traceback), before a device is held."""
+    try:
+        datamodule = instantiate(data_args, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(str(cause) if str(cause).startswith("data.") else f"data: {cause}") from None
+    check = getattr(datamodule, "check_shards", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return datamodule
 
 
 def _export_sd_layouts(ckpt: Any, model: Any, out: Path, compvis_name: str) -> None:
@@ -233,7 +265,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
     if data_args.get("latents") and cfg.stage.name == "ldm" and not data_args.get("autoencoder"):
         data_args["autoencoder"] = str(resolve_autoencoder_path(cfg))  # refuse shards another autoencoder made
-    datamodule = instantiate(data_args, _convert_="all")
+    datamodule = build_datamodule(data_args)
     if data_args.get("latents"):
         try:
             datamodule.check_latent_shards()  # now, not inside fit: a wrong autoencoder is a bad setting
@@ -275,7 +307,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     own_signal_handlers(trainer)  # USR1/SIGTERM reach loader workers too (SLURM signals the whole step)
     pin_run_dir_for_children(run_dir)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(3) from err

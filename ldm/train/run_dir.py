@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from ldm.checkpoints.files import RefusedFileError, load_torch_file
 
 
 def checkpoint_step(path: str | Path) -> int:
     """The global step recorded in a Lightning checkpoint (-1 when the file cannot be read as one).
 
-    Memory-mapped: only the pickled metadata is read, not the tensors, so scanning a run dir of large
-    checkpoints stays cheap.
+    Read as data only (a file that would run code is refused, with a warning, and never the one to resume) and
+    memory-mapped: only the pickled metadata is read, not the tensors, so scanning a run dir stays cheap.
     """
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # noqa: BLE001 - unreadable or foreign file: never the one to resume
+        state = load_torch_file(path)
+    except RefusedFileError as err:
+        print(f"[ldm] warning: skipping {err}")
         return -1
     step = state.get("global_step") if isinstance(state, dict) else None
     return int(step) if isinstance(step, int) else -1
@@ -29,15 +30,15 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def furthest_checkpoint(paths: list[Path]) -> Path | None:
-    """The checkpoint with the highest global step; the newest file among equals.
+    """The checkpoint with the highest global step; the newest file among equals; foreign files never.
 
     Modification time alone is not enough: a file written late can hold an old state (a process with a
     stale copy of the trainer, a copy restored by hand), and resuming from it would silently throw away
     the steps after it. When the newest file is behind the chosen one, that is said out loud.
     """
-    if not paths:
+    stamped = [(step, p.stat().st_mtime_ns, p) for p in paths if (step := checkpoint_step(p)) >= 0]
+    if not stamped:  # nothing here is a checkpoint this project wrote
         return None
-    stamped = [(checkpoint_step(p), p.stat().st_mtime_ns, p) for p in paths]
     step, _, chosen = max(stamped, key=lambda s: (s[0], s[1]))
     newest_step, _, newest = max(stamped, key=lambda s: s[1])
     if newest_step < step:
