@@ -196,11 +196,15 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
 
 
 def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
-    """Every rank's count of steps per optimizer (modules that keep `optimizer_steps`): proof that ranks agree."""
+    """Every rank's count of steps per optimizer (modules that keep `optimizer_steps`): proof that ranks agree.
+
+    Runs after `fit`, when Lightning has moved the module back to the CPU: the tensor goes on the strategy's
+    root device (NCCL refuses CPU tensors), not on `module.device`.
+    """
     counts = getattr(module, "optimizer_steps", None)
     if counts is None or trainer.interrupted:
         return None
-    gathered = trainer.strategy.all_gather(torch.tensor(counts, device=module.device))
+    gathered = trainer.strategy.all_gather(torch.tensor(counts, device=trainer.strategy.root_device))
     return gathered.view(-1, len(counts)).cpu().tolist()
 
 

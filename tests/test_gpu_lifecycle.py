@@ -1,0 +1,67 @@
+"""What a GPU run hits outside the training step: collectives after `fit`, EMA per optimizer step, validation
+with more ranks than prompts, and the parts sampling must not build (issue 27).
+
+On a GPU node Lightning moves the module back to the CPU when `fit` ends, and NCCL refuses CPU tensors. On the
+CPU both devices are the same, so these tests put the module on another device ('meta') than the strategy's
+root device, and a stand-in strategy checks where the tensors it is handed live.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytorch_lightning as pl
+import torch
+
+from ldm.data.callbacks import DataStatsCallback
+from ldm.data.decode import STAT_KEYS
+from ldm.train.cli import optimizer_steps_per_rank
+
+
+class _Strategy:
+    """Two ranks that hold the same values; records the device of every tensor handed to a collective."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.devices: list[torch.device] = []
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.devices.append(tensor.device)
+        return torch.stack([tensor, tensor]) if tensor.device.type != "meta" else torch.zeros(2, *tensor.shape)
+
+    def reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
+        self.devices.append(tensor.device)
+        return tensor * 2 if tensor.device.type != "meta" else torch.zeros_like(tensor, device="cpu")
+
+
+class _CountingModule(pl.LightningModule):
+    """Keeps `optimizer_steps` like AutoencoderModule does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+        self.optimizer_steps = [3, 2]
+
+
+def test_steps_per_rank_gathers_on_the_root_device_after_fit():
+    """After fit the module is on another device than the strategy's (the CPU on a GPU node): the gathered
+    tensor must still be on the strategy's root device."""
+    module = _CountingModule().to("meta")  # not the root device, as the CPU is not a GPU node's
+    strategy = _Strategy()
+    trainer = SimpleNamespace(strategy=strategy, interrupted=False)
+    assert optimizer_steps_per_rank(trainer, module) == [[3, 2], [3, 2]]
+    assert strategy.devices == [strategy.root_device]
+
+
+def test_data_stats_sum_on_the_root_device():
+    """The twin in the data-count callback: its reduce takes a tensor on the strategy's root device."""
+    module = _CountingModule().to("meta")
+    strategy = _Strategy()
+    trainer = SimpleNamespace(strategy=strategy)
+    callback = DataStatsCallback(every_n_batches=1, min_samples=10**9)
+    callback.pending += 1
+    module.log_dict = lambda *args, **kwargs: None  # no trainer loop to log into here
+    totals = callback.sync(trainer, module)
+    assert strategy.devices == [strategy.root_device]
+    assert totals == {key: 2 for key in STAT_KEYS}
