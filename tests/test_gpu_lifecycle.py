@@ -65,3 +65,24 @@ def test_data_stats_sum_on_the_root_device():
     totals = callback.sync(trainer, module)
     assert strategy.devices == [strategy.root_device]
     assert totals == {key: 2 for key in STAT_KEYS}
+
+
+def test_ema_updates_once_per_optimizer_step(tmp_path):
+    """accumulate_grad_batches=2: 4 batches are 2 optimizer steps, so the UNet's and the trainable text tower's
+    EMA average twice (decay d, not d^2) and the warm-up counts 2."""
+    from torch.utils.data import DataLoader
+
+    from tests.ldm_factory import preset, tiny_ldm
+
+    torch.manual_seed(0)
+    text = preset("text_encoder", "tiny", width=32, heads=2, layers=1, freeze=False)
+    module = tiny_ldm(text_encoder=text)
+    images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": "a red circle"} for _ in range(8)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(images, batch_size=2))
+    assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+    assert int(module.ema.num_updates) == 2
+    assert int(module.text_encoder_ema.num_updates) == 2
+    assert module.ema.current_decay() == min(0.9, 3 / 12)  # the warm-up after 2 steps

@@ -63,6 +63,7 @@ class LatentDiffusionModule(pl.LightningModule):
         # A trainable conditioner (class embeddings, an unfrozen text tower) is averaged like the UNet.
         self.conditioner_trains = any(p.requires_grad for p in self.text_encoder.parameters())
         self.text_encoder_ema = EMA(self.text_encoder, decay=ema_decay) if self.conditioner_trains else None
+        self._ema_step: int | None = None  # the global step the EMA last averaged (see on_train_batch_end)
         self.schedule = build_schedule(prediction_type, schedule, flow)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
@@ -182,7 +183,16 @@ class LatentDiffusionModule(pl.LightningModule):
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return per_sample, (alpha / sigma).flatten().float() ** 2
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step  # 0, or the resumed checkpoint's step
+
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        # Once per optimizer step, not per micro-batch: with accumulate_grad_batches=k the decay stays d (not d^k)
+        # and the EMA warm-up counts optimizer steps. global_step counts them (a host int, no device read).
+        step = self.trainer.global_step
+        if step == self._ema_step:
+            return  # inside an accumulation window: the weights have not changed
+        self._ema_step = step
         self.ema.update(self.unet)
         if self.text_encoder_ema is not None:
             self.text_encoder_ema.update(self.text_encoder)
