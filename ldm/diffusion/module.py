@@ -189,8 +189,8 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         # Once per optimizer step, not per micro-batch: with accumulate_grad_batches=k the decay stays d (not d^k)
         # and the EMA warm-up counts optimizer steps. global_step counts them (a host int, no device read).
-        step = self.trainer.global_step
-        if step == self._ema_step:
+        step = self._trainer.global_step if self._trainer is not None else None  # None: called by hand
+        if step is not None and step == self._ema_step:
             return  # inside an accumulation window: the weights have not changed
         self._ema_step = step
         self.ema.update(self.unet)
