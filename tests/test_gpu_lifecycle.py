@@ -86,3 +86,54 @@ def test_ema_updates_once_per_optimizer_step(tmp_path):
     assert int(module.ema.num_updates) == 2
     assert int(module.text_encoder_ema.num_updates) == 2
     assert module.ema.current_decay() == min(0.9, 3 / 12)  # the warm-up after 2 steps
+
+
+def _validate_main(out: str, world: int) -> None:
+    """Run in a fresh interpreter: `world` CPU ranks over gloo validate a tiny model with 2 prompts."""
+    import json
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.utils.data import DataLoader
+
+    from ldm.data.shapes import prompt_set
+    from tests.ldm_factory import tiny_ldm
+
+    torch.set_num_threads(1)
+    prompts = prompt_set(2, seed=0)
+    module = tiny_ldm(val_prompts=prompts, score_shapes=True)
+    images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": prompts[i % 2]} for i in range(2 * world)]
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))  # a busy machine starts slowly
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.validate(module, DataLoader(images, batch_size=2), verbose=False)
+    if trainer.is_global_zero:
+        from ldm.data.analyze import prompt_accuracy
+
+        # The same prompts and seeds in one process: what the mean over the ranks' real prompts must be.
+        alone = prompt_accuracy(module.generate(prompts, seeds=[0, 1]).cpu(), prompts)
+        logged = {k.split("/")[-1]: float(v) for k, v in trainer.callback_metrics.items() if "prompt_accuracy" in k}
+        with open(f"{out}/result.json", "w") as f:
+            json.dump({"logged": logged, "alone": alone}, f)
+
+
+def test_more_ranks_than_validation_prompts(tmp_path):
+    """3 ranks, 2 validation prompts: the third rank has none of its own. It pads (its images dropped), so no
+    rank calls generate([]) while the others wait in the metric sync, and the logged accuracy is the 2 prompts'."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = f"from tests.test_gpu_lifecycle import _validate_main; _validate_main({str(tmp_path)!r}, 3)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["logged"] and set(result["logged"]) == set(result["alone"])
+    for key, value in result["alone"].items():
+        assert abs(result["logged"][key] - value) < 1e-6, (key, result)
+
