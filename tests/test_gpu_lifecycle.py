@@ -137,3 +137,35 @@ def test_more_ranks_than_validation_prompts(tmp_path):
     for key, value in result["alone"].items():
         assert abs(result["logged"][key] - value) < 1e-6, (key, result)
 
+
+def test_final_validation_runs_once(tmp_path, tiny_shapes, monkeypatch, one_thread):
+    """max_steps=2 with val_check_interval=2: fit validates at step 2, so train() must not validate again; its
+    summary still holds that validation's metrics."""
+    import json
+
+    from ldm.autoencoder.module import AutoencoderModule
+    from ldm.train.cli import train
+    from tests.test_prefetch import compose_train
+
+    seen: list[int] = []
+    real = AutoencoderModule.on_validation_epoch_end
+
+    def counting(self):
+        if not self.trainer.sanity_checking:
+            seen.append(self.global_step)
+        return real(self)
+
+    monkeypatch.setattr(AutoencoderModule, "on_validation_epoch_end", counting)
+    monkeypatch.setenv("LDM_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train("logger=csv", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=2",
+                        "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                        "+trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                        "data.resolution=16", "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0",
+                        "model.autoencoder.ch=16", f"data.train_shards={tiny_shapes}/train",
+                        f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs",
+                        f"paths.exports={tmp_path}/exports")
+    train(cfg)
+    assert seen == [2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "val/psnr" in summary["metrics"], summary
