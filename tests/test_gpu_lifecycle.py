@@ -169,3 +169,58 @@ def test_final_validation_runs_once(tmp_path, tiny_shapes, monkeypatch, one_thre
     assert seen == [2]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "val/psnr" in summary["metrics"], summary
+
+
+def _penultimate_main(out: str) -> None:
+    """Run in a fresh interpreter: 2 CPU ranks over gloo train a tiny model whose trainable text tower reads its
+    penultimate block, with DDP's find_unused_parameters=False (what stage=ldm runs with)."""
+    import json
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.utils.data import DataLoader
+
+    from tests.ldm_factory import preset, tiny_ldm
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    text = preset("text_encoder", "tiny", width=32, heads=2, layers=2, freeze=False, layer="penultimate")
+    module = tiny_ldm(text_encoder=text, cond_drop_prob=0.0)
+    blocks = module.text_encoder.transformer.resblocks
+    before = [torch.cat([p.detach().flatten() for p in b.parameters()]).clone() for b in blocks]
+    images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": f"caption {i}"} for i in range(12)]
+    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=False, timeout=timedelta(seconds=120))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, default_root_dir=out)
+    trainer.fit(module, DataLoader(images, batch_size=2))
+    if trainer.is_global_zero:
+        after = [torch.cat([p.detach().flatten() for p in b.parameters()]) for b in blocks]
+        with open(f"{out}/result.json", "w") as f:
+            # The spawn launcher hands the trained weights back to this process (not the trainer's counters).
+            json.dump({"finished": trainer.state.finished,
+                       "changed": [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]}, f)
+
+
+def _run_ranks(tmp_path, main: str, *args) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    call = ", ".join(repr(a) for a in (str(tmp_path), *args))
+    code = f"from tests.test_gpu_lifecycle import {main}; {main}({call})"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def test_trainable_penultimate_text_tower_under_ddp(tmp_path):
+    """freeze=false with layer=penultimate on 2 ranks: DDP gets past step 2; the blocks that run train, the
+    last block (never run) stays as it was and out of DDP's reducer."""
+    result = _run_ranks(tmp_path, "_penultimate_main")
+    assert result == {"finished": True, "changed": [True, False]}
