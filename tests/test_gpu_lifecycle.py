@@ -224,3 +224,34 @@ def test_trainable_penultimate_text_tower_under_ddp(tmp_path):
     last block (never run) stays as it was and out of DDP's reducer."""
     result = _run_ranks(tmp_path, "_penultimate_main")
     assert result == {"finished": True, "changed": [True, False]}
+
+
+def test_sampling_and_export_never_build_the_metric_networks(tmp_path, monkeypatch, one_thread):
+    """A checkpoint trained with FID on: sample.py (from the .ckpt and from its export) and `python -m
+    ldm.export` build no metric network (on an offline node FID's Inception would be downloaded); the export
+    still records the metrics settings it was trained with."""
+    import json
+
+    import ldm.diffusion.module as diffusion_module
+    from ldm.checkpoints.bundle import BUNDLE_CONFIG
+    from ldm.export import export_checkpoint
+    from tests.ldm_factory import tiny_ldm
+    from tests.test_sample import run
+
+    metrics = {"num_samples": 4, "fid": {"extractor": "small", "num_features": 8}, "clip_score": {"enabled": False}}
+    module = tiny_ldm(metrics=metrics)
+    assert module.val_metrics is not None
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}
+    module.on_save_checkpoint(checkpoint)  # what Lightning's save does
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a metric network was built outside training")
+
+    monkeypatch.setattr(diffusion_module, "GenerationMetrics", refuse)
+    run(tmp_path / "from_ckpt", f"ckpt={tmp_path / 'last.ckpt'}", "prompt=a red circle", "height=8", "width=8")
+    export_checkpoint(tmp_path / "last.ckpt", tmp_path / "bundle")
+    run(tmp_path / "from_bundle", f"ckpt={tmp_path / 'bundle'}", "prompt=a red circle", "height=8", "width=8")
+    assert (tmp_path / "from_bundle" / "00000.png").is_file()
+    assert json.loads((tmp_path / "bundle" / BUNDLE_CONFIG).read_text())["module"]["metrics"] == metrics
