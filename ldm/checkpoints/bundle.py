@@ -177,12 +177,20 @@ def load_bundle(path: str | Path, overrides: dict[str, Any] | None = None) -> An
 
 
 def load_ldm(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
-    """A bundle folder or a stage=ldm Lightning checkpoint -> LatentDiffusionModule on the CPU, eval mode."""
-    if Path(path).is_dir():
-        return load_bundle(path, overrides)
-    from ldm.diffusion.module import LatentDiffusionModule
+    """A bundle folder or a stage=ldm Lightning checkpoint -> LatentDiffusionModule on the CPU, eval mode.
 
-    read_hparams(path)  # refuses a foreign or code-carrying file with a one-line reason, before Lightning reads it
-    module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None,
-                                                        weights_only=True, **(overrides or {}))
+    Sampling and exporting never score: the metric networks (FID's Inception, the CLIP score model), which
+    would download weights on an offline node, are not built. The module's settings still name the
+    checkpoint's metrics, so an export of it records them as trained.
+    """
+    metrics = read_hparams(path).get("metrics")  # also refuses a foreign or code-carrying file, in one line
+    no_metrics = {"metrics": None, **(overrides or {})}
+    if Path(path).is_dir():
+        module = load_bundle(path, no_metrics)
+    else:
+        from ldm.diffusion.module import LatentDiffusionModule
+
+        module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None,
+                                                            weights_only=True, **no_metrics)
+    module.hparams["metrics"] = metrics
     return module.eval()

@@ -62,6 +62,10 @@ class OpenCLIPTextEncoder(nn.Module):
         if freeze:
             self.requires_grad_(False)
             self.eval()
+        elif layer == "penultimate":
+            # forward stops one block early: the last block is kept (its weights round-trip through the export
+            # layouts) but not trained, so DDP (find_unused_parameters=False) does not wait for its gradients.
+            self.transformer.resblocks[-1].requires_grad_(False)
 
     def train(self, mode: bool = True) -> OpenCLIPTextEncoder:
         return super().train(mode and not self.frozen)

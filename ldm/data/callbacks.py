@@ -47,7 +47,8 @@ class DataStatsCallback(pl.Callback):
 
     def sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
         """Add the counts of all ranks since the last call to the totals, log them, check the limit."""
-        summed = trainer.strategy.reduce(self.pending.clone().to(pl_module.device), reduce_op="sum").cpu()
+        # On the strategy's device (what NCCL takes), whatever device the module sits on when this is called.
+        summed = trainer.strategy.reduce(self.pending.clone().to(trainer.strategy.root_device), reduce_op="sum").cpu()
         self.pending.zero_()
         for key, value in zip(STAT_KEYS, summed.tolist(), strict=True):
             self.totals[key] += int(value)

@@ -63,6 +63,7 @@ class LatentDiffusionModule(pl.LightningModule):
         # A trainable conditioner (class embeddings, an unfrozen text tower) is averaged like the UNet.
         self.conditioner_trains = any(p.requires_grad for p in self.text_encoder.parameters())
         self.text_encoder_ema = EMA(self.text_encoder, decay=ema_decay) if self.conditioner_trains else None
+        self._ema_step: int | None = None  # the global step the EMA last averaged (see on_train_batch_end)
         self.schedule = build_schedule(prediction_type, schedule, flow)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
@@ -182,7 +183,16 @@ class LatentDiffusionModule(pl.LightningModule):
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return per_sample, (alpha / sigma).flatten().float() ** 2
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step  # 0, or the resumed checkpoint's step
+
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        # Once per optimizer step, not per micro-batch: with accumulate_grad_batches=k the decay stays d (not d^k)
+        # and the EMA warm-up counts optimizer steps. global_step counts them (a host int, no device read).
+        step = self._trainer.global_step if self._trainer is not None else None  # None: called by hand
+        if step is not None and step == self._ema_step:
+            return  # inside an accumulation window: the weights have not changed
+        self._ema_step = step
         self.ema.update(self.unet)
         if self.text_encoder_ema is not None:
             self.text_encoder_ema.update(self.text_encoder)
@@ -291,17 +301,27 @@ class LatentDiffusionModule(pl.LightningModule):
         if not prompts:
             return
         # Each rank samples its share of the fixed prompt list; metrics are averaged over ranks.
-        mine = prompts[self.global_rank::self.trainer.world_size]
-        seeds = list(range(self.hparams.val_seed, self.hparams.val_seed + len(prompts)))[
-            self.global_rank::self.trainer.world_size]
-        images = self.generate(mine, seeds=seeds)
+        world = self.trainer.world_size
+        mine = prompts[self.global_rank::world]
+        seeds = list(range(self.hparams.val_seed, self.hparams.val_seed + len(prompts)))[self.global_rank::world]
+        # Equal shares: a rank short of prompts (more ranks than prompts) pads with the first prompt and drops
+        # those images, so every rank runs the same sampling and reaches the same collectives.
+        pad = -(-len(prompts) // world) - len(mine)
+        padded = self.generate(mine + prompts[:1] * pad, seeds=seeds + [self.hparams.val_seed] * pad)
+        images = padded[:len(mine)]
         if self.hparams.score_shapes:
             from ldm.data.analyze import prompt_accuracy
 
-            acc = prompt_accuracy(images.cpu(), mine)
-            n = len(mine)
-            self.log_dict({f"val/prompt_accuracy/{k}": float(v) for k, v in acc.items()}, sync_dist=True,
-                          batch_size=n)
+            n = len(mine)  # 0 on a rank with only padding: its values weigh nothing in the sum over ranks
+            acc = prompt_accuracy(images.cpu(), mine) if n else prompt_accuracy(padded.cpu(), prompts[:1] * pad)
+            # Hits and counts summed over ranks: the accuracy over all prompts. (Lightning's sync_dist mean
+            # weighted by batch_size divides an integer count by the world size and truncates it.)
+            keys = list(acc)
+            hits = torch.tensor([acc[k] * n for k in keys] + [n], dtype=torch.float32,
+                                device=self.trainer.strategy.root_device)
+            hits = self.trainer.strategy.reduce(hits, reduce_op="sum")
+            self.log_dict({f"val/prompt_accuracy/{k}": hits[i] / hits[-1] for i, k in enumerate(keys)},
+                          batch_size=1)
         if self.global_rank == 0:
             k = min(len(mine), 16)
             log_image(self.logger, "val/samples", make_grid(images[:k], nrow=4), self.global_step,

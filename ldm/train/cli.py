@@ -228,11 +228,15 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
 
 
 def optimizer_steps_per_rank(trainer: pl.Trainer, module: pl.LightningModule) -> list[list[int]] | None:
-    """Every rank's count of steps per optimizer (modules that keep `optimizer_steps`): proof that ranks agree."""
+    """Every rank's count of steps per optimizer (modules that keep `optimizer_steps`): proof that ranks agree.
+
+    Runs after `fit`, when Lightning has moved the module back to the CPU: the tensor goes on the strategy's
+    root device (NCCL refuses CPU tensors), not on `module.device`.
+    """
     counts = getattr(module, "optimizer_steps", None)
     if counts is None or trainer.interrupted:
         return None
-    gathered = trainer.strategy.all_gather(torch.tensor(counts, device=module.device))
+    gathered = trainer.strategy.all_gather(torch.tensor(counts, device=trainer.strategy.root_device))
     return gathered.view(-1, len(counts)).cpu().tolist()
 
 
@@ -243,6 +247,16 @@ class _StartStep(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = trainer.global_step
+
+
+class _LastValidation(pl.Callback):
+    """The global step of the last full validation: when `fit` ended with one, it is not run again."""
+
+    step: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -277,10 +291,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True),
                                 "overrides": _task_overrides() or [], "resumed_from": resume})
     faults = cfg.get("faults") or {}
-    start_step = _StartStep()
+    start_step, last_validation = _StartStep(), _LastValidation()
     callbacks: list[pl.Callback] = [
         NonFiniteLossGuard(int(faults.get("max_consecutive_nonfinite", 5))),
         start_step,
+        last_validation,
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1,
                         filename="step{step:07d}", auto_insert_metric_name=False),
@@ -317,7 +332,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             print(f"error: {message}", file=sys.stderr)
         raise
     steps_per_rank = optimizer_steps_per_rank(trainer, module)
-    if trainer.limit_val_batches and not trainer.interrupted:
+    if trainer.limit_val_batches and not trainer.interrupted and last_validation.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics for summary.json
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
