@@ -4,6 +4,7 @@ serve a shape falling back with a warning (finding 8)."""
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -93,3 +94,52 @@ def test_stage2_metrics_are_float32_under_bf16_mixed(tmp_path, one_thread):
         values[precision] = _validate(module, DataLoader(images, batch_size=4), precision, tmp_path)
     for key in ("val/fid", "val/clip_score"):
         assert torch.equal(values["32-true"][key], values["bf16-mixed"][key]), key
+
+
+def _dtypes_of(module: torch.nn.Module, seen: list[torch.dtype]):
+    return module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+
+
+def test_validation_sampling_runs_in_bf16_and_unservable_attention_falls_back(tmp_path, one_thread):
+    """bf16-mixed: validation's EMA UNet and decoder run under the trainer's autocast (Lightning's epoch-end hooks
+    do not), and with an attention kernel allowed that serves none of the calls (the efficient kernel has no CPU
+    implementation, as flash has no float32 one and no head dim 512 on a GPU) they fall back with a warning."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ldm.nn import attention
+    from tests.ldm_factory import tiny_ldm
+
+    torch.manual_seed(0)
+    module = tiny_ldm(resolution=16, val_prompts=["a red circle", "a blue square"], num_inference_steps=2)
+    unet_dtypes, decoder_dtypes = [], []
+    _dtypes_of(module.ema.model.out[2], unet_dtypes)
+    _dtypes_of(module.autoencoder.decoder.conv_out, decoder_dtypes)
+    images = [{"image": img, "caption": f"caption {i}"} for i, img in enumerate(_images(4, 3))]
+    attention._probe.cache_clear()
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), pytest.warns(UserWarning, match="fall back") as caught:
+        _validate(module, DataLoader(images, batch_size=4), "bf16-mixed", tmp_path)
+    assert unet_dtypes and set(unet_dtypes) == {torch.bfloat16}, unet_dtypes
+    assert decoder_dtypes and set(decoder_dtypes) == {torch.bfloat16}, decoder_dtypes
+    fallbacks = [str(w.message) for w in caught if "fall back" in str(w.message)]
+    assert any("head dim" in m and "bfloat16" in m for m in fallbacks), fallbacks
+    # Once per kind of call (with autocast on and off), not per call: the loop ran dozens of attention calls.
+    assert len(fallbacks) <= 2 * len(set(fallbacks)) <= 8, fallbacks
+
+
+def test_attention_fallback_under_compile(one_thread):
+    """The fallback is decided at trace time under torch.compile (fullgraph: no graph break) and gives what
+    PyTorch's own kernel choice gives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ldm.nn import attention
+    from ldm.nn.attention import SpatialSelfAttention
+
+    torch.manual_seed(0)
+    layer = SpatialSelfAttention(32, groups=4).eval()
+    x = torch.randn(1, 32, 4, 4)
+    expected = layer(x)
+    attention._probe.cache_clear()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), pytest.warns(UserWarning, match="head dim 32 in float32"):
+        out = compiled(x)
+    torch.testing.assert_close(out, expected)
