@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.nn.attention import allowed_kernels
+
 
 class OpenCLIPTextEncoder(nn.Module):
     def __init__(self, model_name: str | None = None, pretrained: str | None = None, layer: str = "last",
@@ -91,7 +93,8 @@ class OpenCLIPTextEncoder(nn.Module):
             blocks = blocks[:-1]
         mask = self.attn_mask.to(x.dtype) if self.attn_mask is not None else None
         for block in blocks:
-            x = block(x, attn_mask=mask)
+            with allowed_kernels(x, x.shape[-1] // block.attn.num_heads, mask is not None):  # perf.sdpa_backends
+                x = block(x, attn_mask=mask)
         if not batch_first:
             x = x.transpose(0, 1)
         return self.ln_final(x)

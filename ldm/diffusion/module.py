@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -259,10 +260,23 @@ class LatentDiffusionModule(pl.LightningModule):
         interval = self.hparams.get("guidance_interval") if guidance_interval is None else guidance_interval
         time_scale = getattr(self.schedule, "time_scale", None) or self.schedule.num_train_timesteps
         model_fn = classifier_free_guidance(unet, cond, uncond, scale, interval=interval, time_scale=time_scale)
-        z = sample(sampler or self.hparams.sampler, model_fn, x, self.schedule, steps=steps,
-                   eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress,
-                   generator=generators)
-        return self.decode_latents(z)
+        with self._sampling_precision():
+            z = sample(sampler or self.hparams.sampler, model_fn, x, self.schedule, steps=steps,
+                       eta=self.hparams.eta, prediction_type=self.hparams.prediction_type, progress=progress,
+                       generator=generators)
+        with self._sampling_precision(decoder=True):
+            return self.decode_latents(z).float()  # images in float32 whatever the sampling precision
+
+    def _sampling_precision(self, decoder: bool = False) -> contextlib.AbstractContextManager:
+        """The trainer's precision for sampling: Lightning's epoch-end hooks (validation sampling, FID) run outside
+        its autocast, so a bf16 run would sample in float32. The decoder keeps float32 under float16 autocast,
+        as stage 1's fp16_upcast does (SD-style VAEs overflow fp16). No trainer (sample.py): unchanged."""
+        trainer = self._trainer
+        if trainer is None:
+            return contextlib.nullcontext()
+        if decoder and str(trainer.precision).startswith("16"):
+            return torch.autocast(self.device.type, enabled=False)
+        return trainer.precision_plugin.forward_context()
 
     # ------------------------------------------------------------------ validation
     def _metric_share(self, rank: int) -> int:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm.metrics.clip_score import build_clip_score
 from ldm.metrics.fid import build_fid
+from ldm.metrics.precision import float32_metrics
 
 
 def _enabled(section: dict[str, Any] | None) -> bool:
@@ -36,25 +37,29 @@ class GenerationMetrics(nn.Module):
 
     @torch.no_grad()
     def update_real(self, images: torch.Tensor) -> None:
-        """images in [-1, 1]."""
+        """images in [-1, 1]. Metrics run in float32 under any training precision (ldm.metrics.precision)."""
         if self.fid is not None:
-            self.fid.update(((images.float() + 1) / 2).clamp(0, 1), real=True)
+            with float32_metrics(images.device):
+                self.fid.update(((images.float() + 1) / 2).clamp(0, 1), real=True)
 
     @torch.no_grad()
     def update_generated(self, images: torch.Tensor, prompts: list[str]) -> None:
         """images in [-1, 1] generated from `prompts`."""
         images = ((images.float() + 1) / 2).clamp(0, 1)
-        if self.fid is not None:
-            self.fid.update(images, real=False)
-        if self.clip_score is not None:
-            self.clip_score.update(images * 255, list(prompts))
+        with float32_metrics(images.device):
+            if self.fid is not None:
+                self.fid.update(images, real=False)
+            if self.clip_score is not None:
+                self.clip_score.update(images * 255, list(prompts))
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {}
-        if self.fid is not None:
-            out["fid"] = self.fid.compute()
-        if self.clip_score is not None:
-            out["clip_score"] = self.clip_score.compute()
+        metric = self.fid if self.fid is not None else self.clip_score
+        with float32_metrics(metric.device if metric is not None else "cpu"):
+            if self.fid is not None:
+                out["fid"] = self.fid.compute()
+            if self.clip_score is not None:
+                out["clip_score"] = self.clip_score.compute()
         return out
 
     def reset(self) -> None:

@@ -11,6 +11,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.autoencoder.lpips import LPIPS
 from ldm.metrics.fid import build_fid
+from ldm.metrics.precision import float32_metrics
 
 
 class ReconstructionMetrics(nn.Module):
@@ -38,22 +39,25 @@ class ReconstructionMetrics(nn.Module):
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, recon: torch.Tensor) -> None:
+        """In float32 under any training precision (see ldm.metrics.precision)."""
         images, recon = images.float(), recon.float().clamp(-1.0, 1.0)
-        self.psnr.update(recon, images)
-        self.ssim.update(recon, images)
-        self.lpips_mean.update(self._lpips_net()(images, recon))
-        if self.fid is not None:
-            self.fid.update((images + 1) / 2, real=True)
-            self.fid.update((recon + 1) / 2, real=False)
+        with float32_metrics(images.device):
+            self.psnr.update(recon, images)
+            self.ssim.update(recon, images)
+            self.lpips_mean.update(self._lpips_net()(images, recon).float())
+            if self.fid is not None:
+                self.fid.update((images + 1) / 2, real=True)
+                self.fid.update((recon + 1) / 2, real=False)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        out = {"psnr": self.psnr.compute(), "ssim": self.ssim.compute(), "lpips": self.lpips_mean.compute()}
-        if self.fid is not None:
-            try:  # the count check happens after the cross-rank sync, so every rank takes the same branch
-                out["rfid"] = self.fid.compute()
-            except RuntimeError as err:
-                if "More than one sample" not in str(err):
-                    raise
+        with float32_metrics(self.psnr.device):
+            out = {"psnr": self.psnr.compute(), "ssim": self.ssim.compute(), "lpips": self.lpips_mean.compute()}
+            if self.fid is not None:
+                try:  # the count check happens after the cross-rank sync, so every rank takes the same branch
+                    out["rfid"] = self.fid.compute()
+                except RuntimeError as err:
+                    if "More than one sample" not in str(err):
+                        raise
         return out
 
     def reset(self) -> None:
