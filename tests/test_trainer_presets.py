@@ -3,6 +3,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from ldm.train.faults import build_strategy
 
@@ -27,7 +28,7 @@ def test_trainer_presets(stage, preset, accelerator, strategy, precision):
     assert t.max_steps == own
     built = build_strategy(t.strategy, cfg.faults.collective_timeout_s, devices=t.devices, num_nodes=t.num_nodes)
     # Two devices: a strategy object carrying faults.collective_timeout_s (auto means ddp there).
-    assert type(built).__name__ == ("FSDPStrategy" if strategy == "fsdp" else "DDPStrategy")
+    assert isinstance(built, FSDPStrategy if strategy == "fsdp" else DDPStrategy)
 
 
 def test_slurm_launcher_follows_the_trainer():

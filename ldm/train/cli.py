@@ -29,6 +29,7 @@ from ldm.train.faults import (
     build_strategy,
     explain_collective_failure,
 )
+from ldm.train.fsdp import module_for_export
 from ldm.train.loggers import make_logger
 from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
@@ -335,8 +336,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.limit_val_batches and not trainer.interrupted and last_validation.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics for summary.json
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    exported = module_for_export(trainer, module)  # trainer=fsdp: the full state gathered (on every rank)
     if trainer.is_global_zero:
-        export(module, cfg, run_dir)
+        export(exported, cfg, run_dir)
         elapsed = time.time() - start
         summary = {"stage": cfg.stage.name, "run_dir": str(run_dir), "wall_seconds": round(elapsed, 1),
                    "global_step": trainer.global_step, "metrics": metrics, "resumed_from": resume,

@@ -171,10 +171,10 @@ def build_strategy(strategy: Any, timeout_s: float | None, find_unused_parameter
 
         find = find_unused_parameters or name == "ddp_find_unused_parameters_true"
         return DDPStrategy(find_unused_parameters=find, **({"timeout": timeout} if timeout else {}))
-    if name == "fsdp":
-        from pytorch_lightning.strategies import FSDPStrategy
+    if name == "fsdp":  # the UNet sharded by its blocks, frozen parts whole, float32 buffers (ldm.train.fsdp)
+        from ldm.train.fsdp import ShardedUNetStrategy
 
-        return FSDPStrategy(**({"timeout": timeout} if timeout else {}))
+        return ShardedUNetStrategy(**({"timeout": timeout} if timeout else {}))
     return strategy
 
 
