@@ -255,3 +255,23 @@ def test_sampling_and_export_never_build_the_metric_networks(tmp_path, monkeypat
     run(tmp_path / "from_bundle", f"ckpt={tmp_path / 'bundle'}", "prompt=a red circle", "height=8", "width=8")
     assert (tmp_path / "from_bundle" / "00000.png").is_file()
     assert json.loads((tmp_path / "bundle" / BUNDLE_CONFIG).read_text())["module"]["metrics"] == metrics
+
+
+def test_stage2_autoencoder_runs_in_float32_under_16_mixed(one_thread):
+    """16-mixed: the frozen autoencoder encodes and decodes in float32 (no float16 overflow); bf16 keeps autocast."""
+    from tests.ldm_factory import tiny_ldm
+
+    module = tiny_ldm().eval()
+    seen: list[torch.dtype] = []
+    for conv in [m for m in module.autoencoder.modules() if isinstance(m, torch.nn.Conv2d)]:
+        conv.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    image = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = module.posterior({"image": image}).mode()
+        images = module.decode_latents(z.half())
+    assert seen and set(seen) == {torch.float32}, set(seen)
+    assert z.dtype == images.dtype == torch.float32
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.posterior({"image": image})
+    assert set(seen) == {torch.bfloat16}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -87,17 +88,27 @@ class LatentDiffusionModule(pl.LightningModule):
         self.text_encoder.train(mode)
         return self
 
+    def _autoencoder_fp32(self) -> contextlib.AbstractContextManager:
+        """Under 16-mixed the frozen autoencoder runs in float32: SD-style VAEs overflow float16
+        (bench/fp16_overflow.py). bf16 has float32's range and keeps autocast."""
+        kind = self.device.type
+        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+            return torch.autocast(kind, enabled=False)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def posterior(self, batch: dict) -> DiagonalGaussian:
         """The autoencoder's posterior for a batch: from its images, or from precomputed moments
         (data.latents=true, shards from `python -m ldm.data.latents`), where the encoder never runs."""
         if "moments" in batch:
             return DiagonalGaussian(batch["moments"].float())
-        return self.autoencoder.encode(batch["image"])
+        with self._autoencoder_fp32():
+            return self.autoencoder.encode(batch["image"].float())
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(latents / self.scale_factor).clamp(-1, 1)
+        with self._autoencoder_fp32():
+            return self.autoencoder.decode(latents.float() / self.scale_factor).clamp(-1, 1)
 
     def encode_text(self, captions: list[str], use_ema: bool = False) -> torch.Tensor | None:
         encoder = self.text_encoder_ema.model if use_ema and self.text_encoder_ema is not None else self.text_encoder
@@ -282,7 +293,8 @@ class LatentDiffusionModule(pl.LightningModule):
             if room > 0:
                 self._metric_prompts += captions[:room]
                 if not self.val_metrics.has_real:  # latent shards: the real images are the decoded means
-                    real = batch["image"] if "image" in batch else self.autoencoder.decode(post.mode()).clamp(-1, 1)
+                    with self._autoencoder_fp32():
+                        real = batch["image"] if "image" in batch else self.autoencoder.decode(post.mode()).clamp(-1, 1)
                     self._metric_images.append(real[:room])
         z0 = post.mode() * self.scale_factor  # deterministic, like the noise and timesteps below
         context = self.encode_text(captions, use_ema=True)
