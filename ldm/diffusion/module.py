@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,7 +12,7 @@ import torch
 from ldm.autoencoder.distribution import DiagonalGaussian
 from ldm.autoencoder.identity import build_autoencoder
 from ldm.autoencoder.model import AutoencoderKL
-from ldm.conditioning import build_conditioner
+from ldm.conditioning import build_conditioner, rebuilt_from_name
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objectives import check_prediction_type, training_target
 from ldm.diffusion.samplers import check_guidance_interval, check_sampler, classifier_free_guidance, sample
@@ -23,6 +24,17 @@ from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup, check_decay_fraction
 from ldm.train.rng import step_generators
+
+# A frozen published text tower is left out of checkpoints (see on_save_checkpoint); its fingerprint stays.
+_TEXT_PREFIX, _TEXT_FINGERPRINT = "text_encoder.", "text_encoder_fingerprint"
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> list[float]:
+    """(count, sum, sum of squares) over all tensors in float64: tells a rebuilt tower from another."""
+    # One float64 tensor at a time (a 1.4 GB tower is not copied whole), one host read at the end.
+    sums = [torch.stack([v.sum(), v.square().sum()]) for v in (t.detach().double() for t in tensors.values())]
+    total = torch.stack(sums).sum(0).tolist() if sums else [0.0, 0.0]
+    return [float(len(sums)), *total]
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -362,10 +374,21 @@ class LatentDiffusionModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("val_metrics.")]:
             del state[key]
+        if rebuilt_from_name(self.hparams.text_encoder):  # a frozen published tower: rebuilt on load
+            tower = {k: state.pop(k) for k in [k for k in state if k.startswith(_TEXT_PREFIX)]}
+            checkpoint[_TEXT_FINGERPRINT] = _fingerprint(tower)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._scale_factor_checked = False  # the checkpoint's scale_factor replaces whatever was checked
         state = checkpoint["state_dict"]
+        if _TEXT_FINGERPRINT in checkpoint:  # saved without the frozen tower: this module rebuilt it
+            tower = {k: v for k, v in self.state_dict().items() if k.startswith(_TEXT_PREFIX)}
+            want, got = checkpoint[_TEXT_FINGERPRINT], _fingerprint(tower)
+            if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(want, got, strict=True)):
+                raise ValueError(f"the text tower built from model.text_encoder={dict(self.hparams.text_encoder)} "
+                                 f"is not the one this checkpoint was trained with (weights fingerprint {got}, "
+                                 f"saved {want})")
+            state.update(tower)
         for key, value in self.state_dict().items():
             if key.startswith("val_metrics."):
                 state.setdefault(key, value)
