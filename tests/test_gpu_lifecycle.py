@@ -104,7 +104,7 @@ def _validate_main(out: str, world: int) -> None:
     prompts = prompt_set(2, seed=0)
     module = tiny_ldm(val_prompts=prompts, score_shapes=True)
     images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": prompts[i % 2]} for i in range(2 * world)]
-    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))  # a busy machine starts slowly
+    strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=120))  # a busy machine starts slowly
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
     trainer.validate(module, DataLoader(images, batch_size=2), verbose=False)
@@ -190,7 +190,7 @@ def _penultimate_main(out: str) -> None:
     blocks = module.text_encoder.transformer.resblocks
     before = [torch.cat([p.detach().flatten() for p in b.parameters()]).clone() for b in blocks]
     images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": f"caption {i}"} for i in range(12)]
-    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=False, timeout=timedelta(seconds=120))
+    strategy = DDPStrategy(start_method="fork", find_unused_parameters=False, timeout=timedelta(seconds=120))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          limit_val_batches=0, default_root_dir=out)
@@ -198,7 +198,7 @@ def _penultimate_main(out: str) -> None:
     if trainer.is_global_zero:
         after = [torch.cat([p.detach().flatten() for p in b.parameters()]) for b in blocks]
         with open(f"{out}/result.json", "w") as f:
-            # The spawn launcher hands the trained weights back to this process (not the trainer's counters).
+            # The launcher hands the trained weights back to this process (not the trainer's counters).
             json.dump({"finished": trainer.state.finished,
                        "changed": [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]}, f)
 
