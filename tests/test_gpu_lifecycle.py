@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -103,7 +104,7 @@ def _validate_main(out: str, world: int) -> None:
     prompts = prompt_set(2, seed=0)
     module = tiny_ldm(val_prompts=prompts, score_shapes=True)
     images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": prompts[i % 2]} for i in range(2 * world)]
-    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))  # a busy machine starts slowly
+    strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=120))  # a busy machine starts slowly
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
     trainer.validate(module, DataLoader(images, batch_size=2), verbose=False)
@@ -189,7 +190,7 @@ def _penultimate_main(out: str) -> None:
     blocks = module.text_encoder.transformer.resblocks
     before = [torch.cat([p.detach().flatten() for p in b.parameters()]).clone() for b in blocks]
     images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "caption": f"caption {i}"} for i in range(12)]
-    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=False, timeout=timedelta(seconds=120))
+    strategy = DDPStrategy(start_method="fork", find_unused_parameters=False, timeout=timedelta(seconds=120))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          limit_val_batches=0, default_root_dir=out)
@@ -197,7 +198,7 @@ def _penultimate_main(out: str) -> None:
     if trainer.is_global_zero:
         after = [torch.cat([p.detach().flatten() for p in b.parameters()]) for b in blocks]
         with open(f"{out}/result.json", "w") as f:
-            # The spawn launcher hands the trained weights back to this process (not the trainer's counters).
+            # The launcher hands the trained weights back to this process (not the trainer's counters).
             json.dump({"finished": trainer.state.finished,
                        "changed": [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]}, f)
 
@@ -255,3 +256,88 @@ def test_sampling_and_export_never_build_the_metric_networks(tmp_path, monkeypat
     run(tmp_path / "from_bundle", f"ckpt={tmp_path / 'bundle'}", "prompt=a red circle", "height=8", "width=8")
     assert (tmp_path / "from_bundle" / "00000.png").is_file()
     assert json.loads((tmp_path / "bundle" / BUNDLE_CONFIG).read_text())["module"]["metrics"] == metrics
+
+
+def test_stage2_autoencoder_runs_in_float32_under_16_mixed(one_thread):
+    """16-mixed: the frozen autoencoder encodes and decodes in float32 (no float16 overflow); bf16 keeps autocast."""
+    from tests.ldm_factory import tiny_ldm
+
+    module = tiny_ldm().eval()
+    seen: list[torch.dtype] = []
+    for conv in [m for m in module.autoencoder.modules() if isinstance(m, torch.nn.Conv2d)]:
+        conv.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    image = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = module.posterior({"image": image}).mode()
+        images = module.decode_latents(z.half())
+    assert seen and set(seen) == {torch.float32}, set(seen)
+    assert z.dtype == images.dtype == torch.float32
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.posterior({"image": image})
+    assert set(seen) == {torch.bfloat16}
+
+
+def _published_tiny_tower(tmp_path) -> dict:
+    """A frozen 'published' OpenCLIP tower (model_name + pretrained), served from a local file: a tiny model
+    config registered with open_clip and random weights saved where `pretrained` points."""
+    import json
+
+    import open_clip
+
+    name = "ldm-test-tiny-clip"
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    (tmp_path / "configs" / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "configs")
+    torch.manual_seed(7)
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(open_clip.create_model(name).state_dict(), weights)
+    return {"kind": "openclip", "model_name": name, "pretrained": str(weights), "freeze": True}
+
+
+def test_checkpoints_leave_out_a_published_frozen_text_tower(tmp_path, one_thread):
+    """The frozen published tower is not stored (only its fingerprint); resuming from such a checkpoint is
+    bit-equal to an uninterrupted run, an old checkpoint that holds the tower still loads, and a tower that
+    is not the one trained with is refused."""
+    from torch.utils.data import DataLoader
+
+    from ldm.diffusion.module import LatentDiffusionModule
+    from tests.ldm_factory import tiny_ldm
+
+    text = _published_tiny_tower(tmp_path)
+    images = [{"image": torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 - 1,
+               "caption": f"caption {i}"} for i in range(4)]
+
+    def fit(steps: int, ckpt: str | None = None) -> tuple[LatentDiffusionModule, pl.Trainer]:
+        torch.manual_seed(0)
+        module = tiny_ldm(text_encoder=text)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, limit_val_batches=0,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=str(tmp_path))
+        trainer.fit(module, DataLoader(images, batch_size=2), ckpt_path=ckpt)
+        return module, trainer
+
+    first, trainer = fit(2)  # one epoch of 2 batches: the resumed run starts the next epoch, as the full one does
+    path = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert not [k for k in saved["state_dict"] if k.startswith("text_encoder.")]
+    assert saved["text_encoder_fingerprint"][0] > 0 and any(k.startswith("unet.") for k in saved["state_dict"])
+    resumed, _ = fit(3, str(path))
+    whole, _ = fit(3)
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+    old = dict(saved, state_dict={**saved["state_dict"], **{f"text_encoder.{k}": v for k, v in
+                                                          first.text_encoder.state_dict().items()}})
+    del old["text_encoder_fingerprint"]
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = LatentDiffusionModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert torch.equal(loaded.text_encoder.token_embedding.weight, first.text_encoder.token_embedding.weight)
+
+    saved["text_encoder_fingerprint"][1] += 1.0  # as if another tower were built from the config
+    torch.save(saved, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not the one this checkpoint was trained with"):
+        LatentDiffusionModule.load_from_checkpoint(tmp_path / "other.ckpt", map_location="cpu")

@@ -94,8 +94,9 @@ def sampling_conditioner(module: Any) -> Any:
 
 def _is_published_frozen(config: dict[str, Any]) -> bool:
     """Frozen published OpenCLIP weights are rebuilt from their name; saving 1-2 GB again buys nothing."""
-    return (config.get("kind", "openclip") == "openclip" and bool(config.get("model_name"))
-            and bool(config.get("pretrained")) and config.get("freeze", True) is not False)
+    from ldm.conditioning import rebuilt_from_name
+
+    return rebuilt_from_name(config)
 
 
 def write_outside_layouts(module: Any, out: str | Path) -> list[Path]:

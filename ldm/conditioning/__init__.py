@@ -29,3 +29,10 @@ def build_conditioner(config: dict[str, Any]) -> nn.Module:
             raise ValueError(f"model.text_encoder kind=none takes no other keys, got {sorted(kwargs)}")
         return Unconditional()
     raise ValueError(f"model.text_encoder.kind={kind!r}: choose one of {CONDITIONING_KINDS}")
+
+
+def rebuilt_from_name(config: dict[str, Any]) -> bool:
+    """A frozen published OpenCLIP tower (model_name + pretrained): building the conditioner from its config
+    reloads the same weights, so checkpoints and exports need not store them again (1-2 GB at SD sizes)."""
+    return (config.get("kind", "openclip") == "openclip" and bool(config.get("model_name"))
+            and bool(config.get("pretrained")) and config.get("freeze", True) is not False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,7 +12,7 @@ import torch
 from ldm.autoencoder.distribution import DiagonalGaussian
 from ldm.autoencoder.identity import build_autoencoder
 from ldm.autoencoder.model import AutoencoderKL
-from ldm.conditioning import build_conditioner
+from ldm.conditioning import build_conditioner, rebuilt_from_name
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objectives import check_prediction_type, training_target
 from ldm.diffusion.samplers import check_guidance_interval, check_sampler, classifier_free_guidance, sample
@@ -23,6 +24,17 @@ from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup, check_decay_fraction
 from ldm.train.rng import step_generators
+
+# A frozen published text tower is left out of checkpoints (see on_save_checkpoint); its fingerprint stays.
+_TEXT_PREFIX, _TEXT_FINGERPRINT = "text_encoder.", "text_encoder_fingerprint"
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> list[float]:
+    """(count, sum, sum of squares) over all tensors in float64: tells a rebuilt tower from another."""
+    # One float64 tensor at a time (a 1.4 GB tower is not copied whole), one host read at the end.
+    sums = [torch.stack([v.sum(), v.square().sum()]) for v in (t.detach().double() for t in tensors.values())]
+    total = torch.stack(sums).sum(0).tolist() if sums else [0.0, 0.0]
+    return [float(len(sums)), *total]
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -88,17 +100,27 @@ class LatentDiffusionModule(pl.LightningModule):
         self.text_encoder.train(mode)
         return self
 
+    def _autoencoder_fp32(self) -> contextlib.AbstractContextManager:
+        """Under 16-mixed the frozen autoencoder runs in float32: SD-style VAEs overflow float16
+        (bench/fp16_overflow.py). bf16 has float32's range and keeps autocast."""
+        kind = self.device.type
+        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+            return torch.autocast(kind, enabled=False)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def posterior(self, batch: dict) -> DiagonalGaussian:
         """The autoencoder's posterior for a batch: from its images, or from precomputed moments
         (data.latents=true, shards from `python -m ldm.data.latents`), where the encoder never runs."""
         if "moments" in batch:
             return DiagonalGaussian(batch["moments"].float())
-        return self.autoencoder.encode(batch["image"])
+        with self._autoencoder_fp32():
+            return self.autoencoder.encode(batch["image"].float())
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(latents / self.scale_factor).clamp(-1, 1)
+        with self._autoencoder_fp32():
+            return self.autoencoder.decode(latents.float() / self.scale_factor).clamp(-1, 1)
 
     def encode_text(self, captions: list[str], use_ema: bool = False) -> torch.Tensor | None:
         encoder = self.text_encoder_ema.model if use_ema and self.text_encoder_ema is not None else self.text_encoder
@@ -296,7 +318,8 @@ class LatentDiffusionModule(pl.LightningModule):
             if room > 0:
                 self._metric_prompts += captions[:room]
                 if not self.val_metrics.has_real:  # latent shards: the real images are the decoded means
-                    real = batch["image"] if "image" in batch else self.autoencoder.decode(post.mode()).clamp(-1, 1)
+                    with self._autoencoder_fp32():
+                        real = batch["image"] if "image" in batch else self.autoencoder.decode(post.mode()).clamp(-1, 1)
                     self._metric_images.append(real[:room])
         z0 = post.mode() * self.scale_factor  # deterministic, like the noise and timesteps below
         context = self.encode_text(captions, use_ema=True)
@@ -364,10 +387,21 @@ class LatentDiffusionModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("val_metrics.")]:
             del state[key]
+        if rebuilt_from_name(self.hparams.text_encoder):  # a frozen published tower: rebuilt on load
+            tower = {k: state.pop(k) for k in [k for k in state if k.startswith(_TEXT_PREFIX)]}
+            checkpoint[_TEXT_FINGERPRINT] = _fingerprint(tower)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._scale_factor_checked = False  # the checkpoint's scale_factor replaces whatever was checked
         state = checkpoint["state_dict"]
+        if _TEXT_FINGERPRINT in checkpoint:  # saved without the frozen tower: this module rebuilt it
+            tower = {k: v for k, v in self.state_dict().items() if k.startswith(_TEXT_PREFIX)}
+            want, got = checkpoint[_TEXT_FINGERPRINT], _fingerprint(tower)
+            if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(want, got, strict=True)):
+                raise ValueError(f"the text tower built from model.text_encoder={dict(self.hparams.text_encoder)} "
+                                 f"is not the one this checkpoint was trained with (weights fingerprint {got}, "
+                                 f"saved {want})")
+            state.update(tower)
         for key, value in self.state_dict().items():
             if key.startswith("val_metrics."):
                 state.setdefault(key, value)
