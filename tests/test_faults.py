@@ -210,10 +210,20 @@ def test_autoencoder_module_skips_both_optimizers(tmp_path, one_thread):
     torch.manual_seed(0)
     module, guard = _module(), NonFiniteLossGuard(max_consecutive=3)
     module.loss.generator = _nan_on_calls(module.loss.generator, {1, 2})
+    weights = []  # (autoencoder, discriminator) weights before each batch
+    module.on_train_batch_start = lambda batch, idx: weights.append(
+        (module.autoencoder.decoder.conv_out.weight.detach().clone(),
+         next(module.loss.discriminator.parameters()).detach().clone()))
     trainer = _trainer(tmp_path, [guard], 4, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, _loader())
+    # Fused AdamW skips on the device: a skipped step still counts in global_step (as in stage=ldm), and
+    # changes no weight of either optimizer (the discriminator starts at disc_start=2, batch 2 is skipped).
     assert trainer.global_step == 4 and guard.skipped == 2
-    assert module.optimizer_steps == [4, 2]  # discriminator from disc_start=2, never on a skipped batch
+    assert module.optimizer_steps == [4, 2]  # steps taken, the skipped ones included
+    assert not torch.equal(weights[0][0], weights[1][0])
+    assert torch.equal(weights[1][0], weights[2][0]) and torch.equal(weights[2][0], weights[3][0])
+    assert torch.equal(weights[2][1], weights[3][1])  # the discriminator's first step (batch 2) was skipped
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {2}  # 4 steps, 2 undone by the kernel
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

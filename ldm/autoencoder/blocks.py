@@ -43,9 +43,12 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-# Per kernel axis: nearest 2x upsampling then a 3-tap conv equals a stride-2 transposed conv with 4 taps,
-# tap t = [w2, w1 + w2, w0 + w1, w0][t] (even outputs see rows i-1, i; odd ones rows i, i+1).
-_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+def _upsample_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per kernel axis: nearest 2x upsampling then a 3-tap conv equals a stride-2 transposed conv with 4 taps,
+    tap t = [w2, w1 + w2, w0 + w1, w0][t] (even outputs see rows i-1, i; odd ones rows i, i+1). Made on the
+    device from an identity matrix: a constant host tensor would be copied there on every call."""
+    e = torch.eye(3, device=device, dtype=dtype)
+    return torch.stack([e[2], e[1] + e[2], e[0] + e[1], e[0]])
 
 
 class Upsample(nn.Module):
@@ -57,6 +60,6 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taps = _UPSAMPLE_TAPS.to(device=x.device, dtype=self.conv.weight.dtype)
+        taps = _upsample_taps(x.device, self.conv.weight.dtype)
         kernel = torch.einsum("th,oihw,uw->iotu", taps, self.conv.weight, taps)  # [in, out, 4, 4]
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)

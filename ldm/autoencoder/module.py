@@ -128,7 +128,7 @@ class AutoencoderModule(pl.LightningModule):
             logs.update(d_logs)
 
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=x.shape[0])
-        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+        self.log("loss", logs["loss"], logger=False, batch_size=x.shape[0])  # shown by ldm.train.progress
         every = self.hparams.image_log_every
         if self.global_rank == 0 and every and step % every == 0:
             self._log_reconstructions(x, recon, "train/reconstructions")

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ldm.nn.transfer import to_device
+
 
 class ClassEmbedder(nn.Module):
     """A learned embedding per class as a single context token: the paper's class-conditional ImageNet
@@ -46,7 +48,7 @@ class ClassEmbedder(nn.Module):
             else:
                 raise ValueError(f"class label {label!r} is neither a class name nor an integer in "
                                  f"[0, {self.num_classes})")
-        return torch.tensor(out, dtype=torch.long, device=self.embedding.weight.device)
+        return to_device(torch.tensor(out, dtype=torch.long), self.embedding.weight.device)  # asynchronous to a GPU
 
     def forward(self, labels: Sequence[str | int]) -> torch.Tensor:
         return self.embedding(self.labels(labels))[:, None, :]

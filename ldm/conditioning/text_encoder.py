@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ldm.nn.attention import allowed_kernels
+from ldm.nn.transfer import to_device
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -83,7 +84,7 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> torch.Tensor:
         """Captions -> (B, context_length, width) token features."""
-        tokens = self.tokenize(captions).to(self.token_embedding.weight.device)
+        tokens = to_device(self.tokenize(captions), self.token_embedding.weight.device)  # asynchronous to a GPU
         x = self.token_embedding(tokens) + self.positional_embedding
         batch_first = getattr(self.transformer, "batch_first", True)
         if not batch_first:

@@ -34,6 +34,11 @@ class EMA(nn.Module):
         n = self._updates()
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
+    def decay_tensor(self) -> torch.Tensor:
+        """current_decay as a tensor on the buffers' device, computed there: logging it copies nothing per step."""
+        n = self.num_updates.float()
+        return torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()

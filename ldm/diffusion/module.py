@@ -152,13 +152,21 @@ class LatentDiffusionModule(pl.LightningModule):
         print(f"[ldm] scale_factor estimated from the first batch: {float(self.scale_factor):.5f}")
 
     # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        """The one-time host reads (is scale_factor set, the EMA update counts) before the loop, not in a step."""
+        if not self._scale_factor_checked and float(self.scale_factor) > 0:
+            self._scale_factor_checked = True
+        for ema in (self.ema, self.text_encoder_ema):
+            if ema is not None:
+                ema.current_decay()
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._ensure_scale_factor(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, per_sample = self.diffusion_loss(self.posterior(batch), list(batch["caption"]), self.global_step)
         skip_nonfinite(self, loss)  # non-finite on any rank: every rank drops this step's update (ldm.train.faults)
-        self.log("train/loss", loss, prog_bar=True, batch_size=per_sample.shape[0])
+        self.log("train/loss", loss, batch_size=per_sample.shape[0])  # shown by ldm.train.progress, not prog_bar
         self.log("train/mse", per_sample.mean().detach(), batch_size=per_sample.shape[0])
         return loss
 
@@ -219,7 +227,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.ema.update(self.unet)
         if self.text_encoder_ema is not None:
             self.text_encoder_ema.update(self.text_encoder)
-        self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
+        self.log("train/ema_decay", self.ema.decay_tensor(), batch_size=1)  # a device tensor: no copy per step
 
     def configure_optimizers(self) -> dict:
         unet = list(self.unet.parameters())

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ldm.checkpoints.files import RefusedFileError, load_torch_file
 from ldm.train.checkpoint_io import AtomicCheckpointIO
@@ -32,6 +32,7 @@ from ldm.train.faults import (
 from ldm.train.fsdp import module_for_export
 from ldm.train.loggers import make_logger
 from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
+from ldm.train.progress import LossProgressBar
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
 from ldm.train.signals import own_signal_handlers
 from ldm.train.throughput import ThroughputMonitor
@@ -309,7 +310,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # The bar reads the logged loss from the device at each refresh: refreshing with the loggers' reads keeps
         # the step free of extra host synchronisations (what perf.progress_bar_refresh_steps=null does).
         refresh = perf.get("progress_bar_refresh_steps") or trainer_args.get("log_every_n_steps") or 50
-        callbacks.append(TQDMProgressBar(refresh_rate=int(refresh)))
+        callbacks.append(LossProgressBar(refresh_rate=int(refresh)))
     if not module.automatic_optimization:
         trainer_args.pop("gradient_clip_val", None)  # Lightning refuses it; the module clips (see build_module)
     timeout_s = faults.get("collective_timeout_s")

@@ -6,15 +6,16 @@ instead of training on garbage. Under DDP the skip must be decided by all ranks 
 skips its backward while the others all-reduce gradients would leave them waiting forever, and a rank
 that updates while the others do not drifts apart from them.
 
-How a step is skipped depends on the optimization mode. Manual (stage=vae): the module sees the verdict
-and returns before its optimizer steps. Automatic (stage=ldm): Lightning refuses a training_step that returns
-None under DDP, so the loss goes through backward as usual (the gradient all-reduce stays matched on every
-rank) and the update is dropped at the optimizer step. With a fused optimizer (our AdamW whenever the
-parameters share one device) and no GradScaler, the flag goes to the kernel as `found_inf` and the skip
-happens on the device: no host synchronisation per step, the flags are read once per `log_every_n_steps`
-window and the counting and stopping below replay them in order. Otherwise the flag is read before the step
-and the gradients are dropped; AdamW leaves parameters without gradients untouched. Either way a skipped
-step changes no weight, moment or optimizer step count, and still counts in global_step.
+How a step is skipped: on the device wherever the optimizers allow it (fused AdamW, our default whenever the
+parameters share one device, or a GradScaler under 16-mixed), in both optimization modes. A non-finite loss is
+made NaN in place, so its backward makes every gradient NaN; DDP's gradient all-reduce carries that to every
+rank, so all ranks see non-finite gradients in the same step without a collective of their own. The flag
+"loss or gradients not finite" goes to the fused kernel as `found_inf` (a GradScaler finds it itself), the
+flags are read once per `log_every_n_steps` window (one all-reduce on several ranks, so the counts agree) and
+the counting and stopping below replay them in order. A skipped step changes no weight, moment or optimizer
+step count, and still counts in global_step. Only optimizers that cannot skip on the device read the flag
+each step: before the backward in manual optimization (stage=vae), where the module returns without stepping,
+or before the step in automatic optimization, where the gradients are dropped.
 
 A rank that dies (OOM kill, a node failure) leaves the others blocked in their next collective. The
 process group timeout (`faults.collective_timeout_s`, see `build_strategy`) turns that into an error, and
@@ -37,7 +38,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteLossGuard(pl.Callback):
-    """Counts skipped steps (saved in checkpoints) and stops after `max_consecutive` in a row (0: never)."""
+    """Counts skipped steps (saved in checkpoints) and stops after `max_consecutive` in a row (0: never).
+
+    The skip is decided on the device where the optimizers allow it (fused AdamW, or a GradScaler): a step's
+    flag is "the loss or the gradients are not finite". A non-finite loss is made NaN and so poisons every
+    gradient of its rank; DDP's gradient all-reduce then carries it to every rank, so all ranks see the same
+    non-finite gradients and skip together, with no collective of its own. The flags are read (and, on several
+    ranks, agreed by one all-reduce) once per `log_every_n_steps` window, where the counting and stopping
+    replay them in order.
+    """
 
     def __init__(self, max_consecutive: int = 5) -> None:
         if max_consecutive < 0:
@@ -45,23 +54,37 @@ class NonFiniteLossGuard(pl.Callback):
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
-        self._pending: torch.Tensor | None = None  # automatic optimization: the flag of the current window
+        self._pending: torch.Tensor | None = None  # the losses' flag since the last optimizer step
         self._window: list[tuple[int, torch.Tensor]] = []  # device-side skips not yet read: (step, flag)
+        self._batch: int | None = None  # the batch whose flag is the window's last entry (stage 1: two optimizers)
         self.host_reads = 0  # device-side path: how often the flags were read (once per window)
 
-    def check(self, module: pl.LightningModule, loss: torch.Tensor) -> bool:
-        """True when this step must be skipped: the loss is non-finite on any rank.
+    @staticmethod
+    def _device_side(trainer: pl.Trainer) -> bool:
+        """Every optimizer can skip on the device: a GradScaler skips non-finite gradients itself, a fused
+        optimizer takes our flag as `found_inf`."""
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        return bool(optimizers) and all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
 
-        Under automatic optimization the flag stays on the device until `on_before_optimizer_step`, so the
-        forward and backward are queued without a host synchronisation; the check always returns False there.
+    def check(self, module: pl.LightningModule, loss: torch.Tensor) -> bool:
+        """True when this step must be skipped now (host path of manual optimization only), else False.
+
+        Device path: the flag stays on the device and a non-finite loss is made NaN in place, so its backward
+        poisons the gradients (see the class docstring); nothing is read here.
         """
-        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
         trainer = module.trainer
-        if trainer.world_size > 1:  # one decision for all ranks, or the ranks that do step wait forever
-            bad = trainer.strategy.reduce(bad, reduce_op="sum")
-        if module.automatic_optimization:
-            self._pending = bad if self._pending is None else self._pending + bad
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self._device_side(trainer) or module.automatic_optimization:
+            if loss.grad_fn is not None:  # recorded by autograd: the backward multiplies every gradient by NaN
+                loss.mul_(torch.where(bad.reshape(()) > 0, torch.nan, 1.0).to(loss.dtype))
+            self._pending = bad if self._pending is None else torch.maximum(self._pending, bad)
             return False
+        # Manual optimization with optimizers that cannot skip on the device: decide before the backward,
+        # together with the other ranks (one all-reduce and one read per step; fused AdamW avoids both).
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
         return self._decide(module, float(bad) > 0)
 
     def _decide(self, module: pl.LightningModule, bad: bool, step: int | None = None, log: bool = True) -> bool:
@@ -74,40 +97,83 @@ class NonFiniteLossGuard(pl.Callback):
         rank_zero_warn(f"non-finite loss at step {trainer.global_step if step is None else step}: step skipped "
                        f"({self.consecutive} in a row, {self.skipped} in all)")
         if log:
-            module.log("train/nonfinite_skipped", float(self.skipped), batch_size=1)
+            module.log("train/nonfinite_skipped", torch.tensor(float(self.skipped), device=module.device),
+                       batch_size=1)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             self._stop(trainer)
         return True
 
+    @staticmethod
+    def _gradients_nonfinite(optimizer: torch.optim.Optimizer, like: torch.Tensor) -> torch.Tensor:
+        """1.0 when any gradient of `optimizer` holds an inf or NaN, on the device; no host read."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros_like(like)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        flags = [(~torch.stack([n.float() for n in torch._foreach_norm(gs, float("inf"))]).isfinite()).any()
+                 for gs in by_device.values()]
+        return torch.stack([f.to(like.device) for f in flags]).any().float().reshape(1)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch = None
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        """Automatic optimization: a flagged step (or accumulation window) updates nothing."""
+        """A flagged step (or accumulation window) updates nothing: the flag goes to the optimizer."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         no_scaler = getattr(trainer.precision_plugin, "scaler", None) is None  # a GradScaler sets found_inf itself
-        if self._pending is None:
-            if hasattr(optimizer, "found_inf") and no_scaler:
-                del optimizer.found_inf  # ours from an earlier step: it must not skip this one
-            return
-        flag, self._pending = (self._pending > 0).float().reshape(()), None
+        if self._pending is None and not self._device_side(trainer):
+            return  # manual optimization's host path decided before the backward
+        pending = self._pending if self._pending is not None else torch.zeros(1, device=pl_module.device)
+        self._pending = None
+        # Under a GradScaler, overflowing (scaled) gradients are its business: only the loss counts.
+        flag = pending if not no_scaler else torch.maximum(pending, self._gradients_nonfinite(optimizer, pending))
+        if self._batch == trainer.fit_loop.total_batch_idx and self._window:  # a second optimizer, same batch
+            step, before = self._window[-1]
+            flag = torch.maximum(before, flag)
+            self._window[-1] = (step, flag)
+        else:
+            self._batch = trainer.fit_loop.total_batch_idx
+            self._window.append((trainer.global_step, flag))
+        flag = flag.reshape(())
         if getattr(optimizer, "_step_supports_amp_scaling", False) and no_scaler:
             optimizer.found_inf = flag  # the fused kernel skips the update and undoes its step count
-            self._window.append((trainer.global_step, flag))
-            if len(self._window) >= max(1, int(trainer.log_every_n_steps or 1)):
-                self._flush(pl_module)
+        elif no_scaler:  # an optimizer that cannot skip on the device: one read per step, gradients dropped
+            self._window.pop()
+            if self._decide(pl_module, float(flag) > 0):
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
             return
-        if self._decide(pl_module, float(flag) > 0):  # the one host read, after the backward has been queued
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        if len(self._window) >= max(1, int(trainer.log_every_n_steps or 1)) and self._batch_complete(trainer):
+            self._flush(pl_module)
+
+    @staticmethod
+    def _batch_complete(trainer: pl.Trainer) -> bool:
+        """Automatic optimization flushes at once; manual waits for the batch's last optimizer (on_train_batch_end)."""
+        return trainer.lightning_module.automatic_optimization
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not pl_module.automatic_optimization and len(self._window) >= max(1, int(trainer.log_every_n_steps or 1)):
+            self._flush(pl_module)
 
     def _flush(self, module: pl.LightningModule, log: bool = True) -> None:
-        """Read the window's flags in one transfer and count them in order (may stop the run, as above)."""
+        """Read the window's flags in one transfer (agreed by all ranks in one all-reduce) and count them in order
+        (may stop the run, as above)."""
         if not self._window:
             return
         steps, flags = zip(*self._window, strict=True)
         self._window = []
         self.host_reads += 1
-        for step, bad in zip(steps, torch.stack(flags).tolist(), strict=True):
+        stacked = torch.cat(flags)
+        trainer = module.trainer
+        if trainer.world_size > 1:
+            stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
+        for step, bad in zip(steps, stacked.tolist(), strict=True):
             self._decide(module, bad > 0, step, log=log)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -129,7 +195,7 @@ class NonFiniteLossGuard(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Skips of the window not read yet count too; they are counted (not re-counted) when it is read.
-        unread = int(torch.stack([f for _, f in self._window]).sum()) if self._window else 0
+        unread = int(torch.cat([f for _, f in self._window]).sum()) if self._window else 0
         return {"skipped": self.skipped + unread}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
