@@ -8,7 +8,8 @@
 # Everything lives in $LDM_SLURM_DIR (default /tmp/ldm-slurm): slurm.conf, a private munge key and socket,
 # state, spool, logs and PID files, so a system SLURM or munge on the machine is left alone.
 # Settings measured to start slurm-wlm 22.05 in about a second as root in a container: process tracking by
-# /proc (no cgroups), no task plugin, CPUs as the consumable resource, no accounting daemon.
+# /proc (no cgroups), CPUs as the consumable resource, no accounting daemon. task/affinity binds each task to
+# its CPUs with sched_setaffinity (no cgroups needed), as real clusters do, so a test sees the CPUs a rank gets.
 set -euo pipefail
 
 DIR=${LDM_SLURM_DIR:-/tmp/ldm-slurm}
@@ -57,7 +58,7 @@ SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none

@@ -15,6 +15,11 @@ job=${SLURM_JOB_ID:?run this through sbatch}
 [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 restarts=${SLURM_RESTART_COUNT:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Since Slurm 22.05 srun no longer takes --cpus-per-task from the allocation: without it, each task (a rank with
+# all its loader workers) gets one CPU. Pass the batch script's value on (SRUN_CPUS_PER_TASK, if set, wins).
+cpus=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}
+per_task=()
+[ -n "$cpus" ] && per_task=("--cpus-per-task=$cpus")
 python=${LDM_PYTHON:-python}
 
 # Before "$@": defaults the command line may override. After "$@": what a restarted job must use.
@@ -24,10 +29,11 @@ last=()
 if [ "$restarts" -gt 0 ]; then
     last=("ckpt=auto")  # continue from this run's own checkpoints, even if the first start had ckpt=PATH
 fi
-echo "[slurm] job $job restart $restarts: $nodes node(s) x $per_node task(s); overrides: $*"
+echo "[slurm] job $job restart $restarts: $nodes node(s) x $per_node task(s) x ${cpus:-default} CPU(s);" \
+     "overrides: $*"
 
 # --kill-on-bad-exit: a rank that dies takes the others down at once instead of leaving them in a collective.
-srun --kill-on-bad-exit=1 "$python" train.py "${first[@]}" "$@" "${last[@]}"
+srun --kill-on-bad-exit=1 "${per_task[@]}" "$python" train.py "${first[@]}" "$@" "${last[@]}"
 rc=$?
 echo "[slurm] job $job: srun exited with $rc"
 exit $rc

@@ -3,8 +3,9 @@
 the step (the forked DataLoader workers too).
 
 Deterministic where tests/test_slurm.py can only be lucky: every process that acts on USR1 calls `scontrol
-requeue` and saves a checkpoint, so one call and one hpc_ckpt file mean the workers stayed out of it, on every
-run, whatever order the processes happened to run in.
+requeue` and saves a checkpoint, so one call and one hpc_ckpt file, counted once every process of the step has
+exited, mean the workers stayed out of it, on every run, whatever order the processes happened to run in.
+The two-rank version (ranks signalled at different moments of their steps) is tests/test_preemption.py.
 """
 
 from __future__ import annotations
@@ -30,11 +31,25 @@ STEPS_AFTER_RESUME = 6  # steps the requeued job trains past the furthest save
 
 
 def fake_slurm_env(tmp_path: Path, restarts: int = 0) -> dict[str, str]:
-    """One task of a one-node job step, as srun sets it, with `scontrol` recording its arguments."""
+    """One task of a one-node job step, as srun sets it, with `scontrol` recording its arguments.
+
+    `scontrol requeue` then does what SLURM does to a running job: SIGTERM to every process of the job, here
+    the process groups listed in tmp_path/pgids (one per rank), else the caller's own group.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/scontrol.calls\n')
+    scontrol.write_text(f"""#!/bin/sh
+trap '' TERM
+echo "$*" >> {tmp_path}/scontrol.calls
+[ "$1" = requeue ] || exit 0
+if [ -f {tmp_path}/pgids ]; then
+    for group in $(cat {tmp_path}/pgids); do kill -TERM -- "-$group" 2>/dev/null; done
+else
+    kill -TERM 0
+fi
+exit 0
+""")
     scontrol.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ldm", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
@@ -49,6 +64,15 @@ def steps_by_write_time(run: Path) -> list[tuple[int, str]]:
     """(global step, name) of every checkpoint in the run dir, oldest write first."""
     files = sorted([*run.glob("checkpoints/*.ckpt"), *run.glob("hpc_ckpt_*.ckpt")], key=lambda p: p.stat().st_mtime_ns)
     return [(checkpoint_step(p), p.name) for p in files]
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group `pgid` (a trainer and its loader workers) is still running."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen | None = None):
@@ -72,23 +96,24 @@ def test_usr1_to_every_process_saves_once_and_resumes_there(tmp_path, tiny_shape
             f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
             "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
             "checkpoint.every_n_train_steps=4", "ckpt=auto", f"hydra.run.dir={run}"]
-    # Far more steps than the signals leave it time for: the run must still be training when SIGTERM comes
-    # (with a short budget a fast machine finished first and was killed while exiting).
+    # Far more steps than the run will take: it must stop by itself after the requeue save.
     proc = subprocess.Popen([sys.executable, *args, "trainer.max_steps=100000"], cwd=tmp_path, env=fake_slurm_env(tmp_path),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, proc)
         os.killpg(proc.pid, signal.SIGUSR1)  # main process and both loader workers, like SLURM
-        wait_for("the requeue", lambda: (tmp_path / "scontrol.calls").exists(), 60, proc)
-        time.sleep(1.0)  # room for any late second save or call
-        os.killpg(proc.pid, signal.SIGTERM)  # what the requeue sends next, again to every process
+        # The fake scontrol SIGTERMs the whole group on requeue, as SLURM does; the trainer then exits by itself.
         output, _ = proc.communicate(timeout=120)
+        # Count only once every process of the step is gone: a worker acting late would still be seen.
+        wait_for("every process of the step to exit", lambda: not group_alive(proc.pid), 60)
     finally:
-        if proc.poll() is None:
+        if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
             proc.wait()
-    # SIGTERM stops the trainer at its next step (Lightning's path); no worker died of it under the trainer.
+    # No worker died of SIGTERM under the trainer; the trainer stopped cleanly after its save.
     assert "killed by signal" not in output and proc.returncode == 0, (proc.returncode, output[-3000:])
+    assert "requeue signal agreed at step" in output, output[-3000:]
     calls = (tmp_path / "scontrol.calls").read_text().splitlines()
     assert calls == ["requeue 4242"], output[-3000:]  # the trainer process alone asked for the requeue
     (hpc,) = run.glob("hpc_ckpt_*.ckpt")  # ... and alone saved
@@ -100,6 +125,7 @@ def test_usr1_to_every_process_saves_once_and_resumes_there(tmp_path, tiny_shape
     assert not list(run.glob("*.partial")) and not list(run.glob("checkpoints/*.partial"))
 
     furthest = max(steps)
+    assert furthest == saved, written  # training stopped at the requeue save
     target = furthest + STEPS_AFTER_RESUME
     restarted = subprocess.run([sys.executable, *args, f"trainer.max_steps={target}"], cwd=tmp_path,
                                env=fake_slurm_env(tmp_path, restarts=1),

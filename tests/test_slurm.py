@@ -111,6 +111,58 @@ def check_requeue_saves(run: Path) -> int:
     return max(steps)
 
 
+def _affinities(out: Path) -> dict[str, list[int]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
+
+
+# The node has 2 CPUs (LDM_SLURM_CPUS) and 2 tasks x 2 CPUs need 4: --overcommit allocates cpus-per-task per node
+# rather than per task, so the job fits, and srun without --cpus-per-task still gives each task one CPU of it.
+# SLURM refuses --overcommit together with --ntasks-per-node (train.sbatch's #SBATCH line) on this node, so the
+# job runs train.sbatch's body, slurm/srun_train.sh, with --ntasks.
+PER_TASK = ["--ntasks=2", "--cpus-per-task=2", "--overcommit"]
+
+
+def test_srun_gives_each_rank_the_cpus_per_task_of_the_job(cluster, tmp_path):
+    """srun (22.05+) no longer reads --cpus-per-task from sbatch: slurm/srun_train.sh must pass it on."""
+    recorder = tmp_path / "python"  # stands in for LDM_PYTHON: records what srun gave the rank, trains nothing
+    recorder.write_text(f"#!{sys.executable}\nimport json, os\n"
+                        f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['SLURM_PROCID'] + '.json'), 'w')"
+                        f".write(json.dumps(sorted(os.sched_getaffinity(0))))\n")
+    recorder.chmod(0o755)
+    env = {**cluster, "LDM_PYTHON": str(recorder)}
+    cmd = ["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", *PER_TASK, "--gpus-per-node=0",
+           "--time=2", "--wrap=bash slurm/srun_train.sh stage=vae"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    job = proc.stdout.strip().split(";")[0]
+    assert job, proc.stderr
+    state = wait_for("the job to end", lambda: job_info(cluster, job).get("JobState") in
+                     ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and job_info(cluster, job)["JobState"], 60, 0.2)
+    assert state == "COMPLETED", log_of(tmp_path, job)
+    cpus = _affinities(tmp_path)
+    assert sorted(cpus) == ["rank0", "rank1"] and all(len(c) == 2 for c in cpus.values()), cpus
+
+
+def test_submitit_launcher_gives_each_rank_the_cpus_per_task(cluster, tmp_path):
+    """The same for hydra/launcher=slurm: submitit's srun gets --cpus-per-task from the config's setup line."""
+    import submitit
+    import yaml
+
+    setup = yaml.safe_load((ROOT / "conf" / "hydra" / "launcher" / "slurm.yaml").read_text())["setup"]
+    executor = submitit.SlurmExecutor(folder=tmp_path / "submitit", python=sys.executable)
+    # --ntasks (see PER_TASK), so submitit counts one task: both tasks' results are read through a two-task job.
+    executor.update_parameters(cpus_per_task=2, gpus_per_node=0, time=2, setup=setup,
+                               additional_parameters={"ntasks": 2, "overcommit": True})
+    old = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ.update({k: cluster[k] for k in old})  # submitit calls sbatch and sacct from this process
+    try:
+        job = executor.submit(os.sched_getaffinity, 0)
+        cpus = submitit.SlurmJob(job.paths.folder, job.job_id, tasks=(0, 1)).results()
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert len(cpus) == 2 and all(len(c) == 2 for c in cpus), cpus
+
+
 def test_sbatch_two_tasks_trains_vae_then_ldm(cluster, tiny_shapes, tmp_path):
     args = common(tiny_shapes, tmp_path)
     job, rc = sbatch(cluster, tmp_path, "stage=vae", *args, "trainer.max_steps=3", "trainer.val_check_interval=3",

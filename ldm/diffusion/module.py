@@ -159,6 +159,7 @@ class LatentDiffusionModule(pl.LightningModule):
         for ema in (self.ema, self.text_encoder_ema):
             if ema is not None:
                 ema.current_decay()
+        self._ema_step = self.trainer.global_step  # 0, or the resumed checkpoint's step (once per optimizer step)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._ensure_scale_factor(batch)
@@ -213,9 +214,6 @@ class LatentDiffusionModule(pl.LightningModule):
             target = target.float() + weight * (out.detach().float() - out_u.float())
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return per_sample, (alpha / sigma).flatten().float() ** 2
-
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step  # 0, or the resumed checkpoint's step
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         # Once per optimizer step, not per micro-batch: with accumulate_grad_batches=k the decay stays d (not d^k)

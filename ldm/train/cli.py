@@ -32,6 +32,7 @@ from ldm.train.faults import (
 from ldm.train.fsdp import module_for_export
 from ldm.train.loggers import make_logger
 from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
+from ldm.train.preemption import PreemptionCheckpoint
 from ldm.train.progress import LossProgressBar
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
 from ldm.train.signals import own_signal_handlers
@@ -298,6 +299,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         NonFiniteLossGuard(int(faults.get("max_consecutive_nonfinite", 5))),
         start_step,
         last_validation,
+        PreemptionCheckpoint(cfg.trainer.get("log_every_n_steps") or 50),  # SLURM's USR1: save, requeue, stop
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1,
                         filename="step{step:07d}", auto_insert_metric_name=False),

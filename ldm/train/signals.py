@@ -17,6 +17,14 @@ sent the signal. SLURM's SIGTERM then kills every worker at once, and the traine
 "DataLoader worker ... is killed by signal: Terminated" instead of stopping cleanly at the next step
 (Lightning's SIGTERM path). `ignore_job_signals`, the loaders' worker_init_fn, takes both signals away
 from the workers for good: they end when their parent shuts them down or dies.
+
+Nothing is done inside a handler beyond setting a flag. Lightning's USR1 handler saves the checkpoint there,
+and the save ends in a barrier; each rank runs its handler wherever in its step the signal finds it, so that
+barrier pairs with another rank's gradient all-reduce or loss check and the job hangs (with NCCL until the
+collective timeout), never reaching `scontrol requeue`. Its SIGTERM handler broadcasts from the handler, with
+the same risk. Here USR1 only sets `requeue_requested` and SIGTERM only sets `received_sigterm`:
+`ldm.train.preemption.PreemptionCheckpoint` has the ranks agree on the flag at a step boundary, save at that
+step and requeue; Lightning's loops act on SIGTERM at their next step.
 """
 
 from __future__ import annotations
@@ -47,7 +55,31 @@ class OwnerOnlyHandler:
 
 
 class OwnedSignalConnector(_SignalConnector):
-    """Lightning's signal connector, with the requeue and SIGTERM handlers tied to the trainer's process."""
+    """Lightning's signal connector: handlers that only set flags, tied to the trainer's process."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        super().__init__(trainer)
+        self.requeue_requested = False  # USR1 arrived; PreemptionCheckpoint acts on it at a step boundary
+        self.stopping_for_requeue = False  # saved for a requeue: the process is on its way out
+
+    def _slurm_sigusr_handler_fn(self, signum: int, _: FrameType | None) -> None:
+        self.requeue_requested = True  # no save, no collective, no I/O here (see the module docstring)
+
+    def _sigterm_notifier_fn(self, signum: int, _: FrameType | None) -> None:
+        if not self.received_sigterm and self.trainer.strategy.launcher is not None:
+            self.trainer.strategy.launcher.kill(signum)  # Lightning's own child ranks, if it launched them
+        self.received_sigterm = True  # Lightning's loops stop at their next step; no broadcast from here
+
+    def teardown(self) -> None:
+        """Restore the handlers from before fit; after a requeue save, SIGTERM stays ignored.
+
+        `scontrol requeue` SIGTERMs every rank while it exits after the save; the default action would turn
+        that clean exit into a kill (SLURM's SIGKILL after KillWait still ends a process that is stuck).
+        """
+        if self.stopping_for_requeue:
+            self._original_handlers.pop(signal.SIGTERM, None)
+            self._register_signal(signal.SIGTERM, signal.SIG_IGN)
+        super().teardown()
 
     def register_signal_handlers(self) -> None:
         super().register_signal_handlers()

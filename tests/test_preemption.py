@@ -1,0 +1,115 @@
+"""The requeue signal on 2 CPU ranks (gloo) with loader workers on, as srun starts them: one process per rank
+with the job step's environment, a fake `scontrol` on PATH that records its calls and then SIGTERMs every rank
+(what `scontrol requeue` does to a running job), and USR1 sent to each rank's process group (the rank and its
+loader workers) at a different moment of training, as SLURM's signals reach the ranks of a job.
+
+A save inside the signal handler ends in a collective that pairs with whatever the other rank is doing at that
+moment (its gradient all-reduce, or its own handler's barrier): the run hangs, or saves twice, or goes on
+training. The handler must only set a flag, and the ranks must agree on it at one step and save there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ldm.train.run_dir import checkpoint_step
+
+from .conftest import ROOT
+from .test_end_to_end import USER_DATA
+from .test_requeue import fake_slurm_env, steps_by_write_time, wait_for
+
+WINDOW = 8  # trainer.log_every_n_steps: the ranks agree on the flag once per window
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(tmp_path: Path, args: list[str], restarts: int, tag: str) -> list[subprocess.Popen]:
+    """Both ranks of a one-node, two-task job step; each in its own process group (with its loader workers)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = fake_slurm_env(tmp_path, restarts)
+        env.update({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
+                    "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port})
+        log = open(tmp_path / f"{tag}-rank{rank}.log", "w")  # noqa: SIM115 - the child writes it
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes after `timeout` seconds at most; a rank still running then is killed (None: it hung)."""
+    deadline = time.time() + timeout
+    codes: list[int | None] = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.time(), 0.1)))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return codes
+
+
+def test_usr1_at_different_moments_saves_once_at_one_step_requeues_once_and_resumes_there(tmp_path, tiny_shapes):
+    run = tmp_path / "run"
+    args = ["stage=vae", "data=webdataset", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
+            f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
+            "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.devices=2",
+            "trainer.strategy=ddp", f"trainer.log_every_n_steps={WINDOW}", "checkpoint.every_n_train_steps=4",
+            "faults.collective_timeout_s=60", "ckpt=auto", f"hydra.run.dir={run}"]
+    procs = start_ranks(tmp_path, [*args, "trainer.max_steps=100000"], restarts=0, tag="first")
+    (tmp_path / "pgids").write_text(" ".join(str(p.pid) for p in procs))
+    try:
+        wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, procs[0])
+        for rank, proc in enumerate(procs):  # rank 0 now, rank 1 a little later: other points of their steps
+            time.sleep(0.35 * rank)
+            try:
+                os.killpg(proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:  # already stopped on rank 0's signal: nothing left to tell
+                pass
+        codes = finish(procs, 120)
+    finally:
+        finish(procs, 0)
+    logs = [(tmp_path / f"first-rank{r}.log").read_text() for r in range(2)]
+    tails = "\n".join(f"--- rank {r} (exit {c}) ---\n{log[-2500:]}" for r, (c, log) in enumerate(zip(codes, logs, strict=True)))
+    assert None not in codes, f"a rank hung:\n{tails}"
+    assert codes == [0, 0], tails  # stopped cleanly, SIGTERM from the requeue included
+    # Counted after every process of the job has exited: one requeue, one save, every rank at the same step.
+    calls = (tmp_path / "scontrol.calls").read_text().splitlines()
+    assert calls == ["requeue 4242"], tails
+    hpc = sorted(run.glob("hpc_ckpt_*.ckpt"))
+    assert len(hpc) == 1, (hpc, tails)
+    saved = checkpoint_step(hpc[0])
+    agreed = [re.findall(r"requeue signal agreed at step (\d+)", log) for log in logs]
+    assert agreed == [[str(saved)], [str(saved)]], tails
+    assert saved > 4 and saved % WINDOW == 0, (saved, steps_by_write_time(run))  # at a window boundary
+    assert max(s for s, _ in steps_by_write_time(run)) == saved, steps_by_write_time(run)  # no step after it
+    assert not (run / "summary.json").exists()  # stopped for the requeue: no final validation, no export
+
+    (tmp_path / "pgids").unlink()
+    target = saved + 2
+    procs = start_ranks(tmp_path, [*args, f"trainer.max_steps={target}"], restarts=1, tag="resumed")
+    codes = finish(procs, 300)
+    resumed = "\n".join((tmp_path / f"resumed-rank{r}.log").read_text()[-2500:] for r in range(2))
+    assert codes == [0, 0], resumed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["start_step"] == saved and summary["global_step"] == target, summary
+    assert summary["optimizer_steps_per_rank"] == [[target, 0], [target, 0]]
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
