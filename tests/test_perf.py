@@ -86,10 +86,16 @@ def test_channels_last_trains_and_exports(tmp_path):
     assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     _train(module, 2, tmp_path / "run", None)
     assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    from ldm.checkpoints.bundle import write_bundle
+    from ldm.checkpoints.bundle import load_bundle, write_bundle
 
     out = write_bundle(module, tmp_path / "export")  # safetensors refuses non-contiguous tensors
-    assert out.is_dir() and any(out.iterdir())
+    loaded = load_bundle(out)
+    _assert_same_weights(module.ema.model, loaded.unet)  # every value where it was, not channels_last memory order
+    module.eval()
+    torch.manual_seed(1)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 3, module.ema.model.config["context_dim"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unet(x, t, c), module.ema.model(x, t, c), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.usefixtures("one_thread")
