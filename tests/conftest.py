@@ -61,3 +61,29 @@ class TinyImageModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def block_runs(model: torch.nn.Module, step) -> list[int]:
+    """How often each UNet ResBlock and transformer block ran during `step()` (a forward and backward).
+
+    Gradient checkpointing shows as 2 for every block (the forward, then its recomputation in the backward);
+    without it each runs once, so a `use_checkpoint` that is silently ignored cannot pass for checkpointing.
+    """
+    from ldm.diffusion.unet import BasicTransformerBlock, ResBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock | BasicTransformerBlock)]
+    runs = [0] * len(blocks)
+
+    def counter(i: int):
+        def hook(module, args):
+            runs[i] += 1
+        return hook
+
+    handles = [b.register_forward_pre_hook(counter(i)) for i, b in enumerate(blocks)]
+    try:
+        step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert blocks, "no ResBlock or transformer block found"
+    return runs

@@ -162,8 +162,10 @@ def test_equivariance_loss_decodes_the_downscaled_turned_latent():
         module.equivariance_loss(x, posterior, 1).item(), rel=1e-4)
 
 
-def test_equivariance_weight_trains_the_term_down(tmp_path):
-    """With the weight on, training lowers the equivariance error below the same run's without it."""
+def test_equivariance_weight_trains_the_term_down(tmp_path, one_thread):
+    """With the weight on, training lowers the equivariance error below the same run's without it.
+
+    One thread: the same sums in the same order every time, so the two runs differ only by the term."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(8, 3, 1, 1, generator=g).expand(8, 3, 16, 16).clone() * 2 - 1  # flat backgrounds
     for i in range(8):  # one flat square each, as on the built-in data
@@ -176,11 +178,11 @@ def test_equivariance_weight_trains_the_term_down(tmp_path):
         torch.manual_seed(0)
         module = AutoencoderModule(autoencoder=TINY_AE, loss=dict(perceptual_weight=0.0, disc_start=10_000),
                                    lr=5e-3, image_log_every=0, equivariance_weight=weight)
-        trainer = _trainer(tmp_path / str(weight), 60, enable_checkpointing=False, limit_val_batches=0)
+        trainer = _trainer(tmp_path / str(weight), 100, enable_checkpointing=False, limit_val_batches=0)
         trainer.fit(module, train_dataloaders=loader)
         x = images
         with torch.no_grad():
             return float(sum(module.equivariance_loss(x, module.autoencoder.encode(x), k) for k in range(4)) / 4)
 
     off, on = train(0.0), train(1.0)
-    assert on < 0.9 * off, (on, off)  # 0.84 measured; without the term applied the two runs match
+    assert on < 0.85 * off, (on, off)  # 0.67 measured (one thread); without the term applied the two runs match

@@ -61,24 +61,25 @@ def test_the_quoted_value_is_what_hydra_gives_the_data_module(tmp_path):
     assert list(cfg.data.val_shards) == [{"shards": "/v/{0..3}.tar", "weight": 1}]
 
 
-def _fetch(url: str) -> None:
-    urllib.request.urlopen(url, timeout=5)
+def test_download_failure_names_the_file_and_both_ways_out(tmp_path, monkeypatch):
+    """The real download: build_fid's Inception, which torch-fidelity fetches, with the internet unreachable."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+    from ldm.metrics.fid import build_fid
 
-def test_download_failure_names_the_file_and_both_ways_out():
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached copy: it must download
     proxy = {"https": "http://127.0.0.1:9", "http": "http://127.0.0.1:9"}  # a closed local port: refused at once
     urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler(proxy)))
     try:
-        with pytest.raises(urllib.error.URLError) as caught:
-            _fetch("https://example.invalid/weights/pt_inception-2015-12-05.pth")
+        with pytest.raises(Exception) as caught:
+            build_fid("inception", 64)
     finally:
         urllib.request.install_opener(None)
-    message = explain_download_failure(RuntimeError("wrapped")) or ""
-    assert message == ""
-    wrapped = RuntimeError("loading the extractor failed")
-    wrapped.__cause__ = caught.value
-    message = explain_download_failure(wrapped)
-    assert "pt_inception-2015-12-05.pth" in message and "python -m ldm.prefetch" in message
+    assert explain_download_failure(RuntimeError("wrapped")) is None
+    message = explain_download_failure(caught.value)
+    assert message is not None, repr(caught.value)
+    assert URL_INCEPTION_V3.rsplit("/", 1)[1] in message  # the file torch-fidelity asked for, named by its own URL
+    assert "python -m ldm.prefetch" in message
     assert "offline=true" in message and "feature_extractor_weights_path" in message
 
 

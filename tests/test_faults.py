@@ -21,7 +21,6 @@ from ldm.train.faults import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     build_strategy,
-    explain_collective_failure,
     skip_nonfinite,
 )
 
@@ -31,15 +30,13 @@ from .conftest import ROOT
 class Toy(pl.LightningModule):
     """A linear model whose loss is made NaN at chosen (rank, batch) pairs; records weights after each batch."""
 
-    def __init__(self, bad: dict[int, list[int]], stall: dict[int, int] | None = None, out: str | None = None):
+    def __init__(self, bad: dict[int, list[int]], out: str | None = None):
         super().__init__()
         self.layer = torch.nn.Linear(4, 1)
-        self.bad, self.stall, self.out = bad, stall or {}, out
+        self.bad, self.out = bad, out
         self.history: list[torch.Tensor] = []
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.stall.get(self.global_rank) == batch_idx:
-            time.sleep(600)  # a rank that stops answering
         loss = self.layer(batch).pow(2).mean()
         if batch_idx in self.bad.get(self.global_rank, []):
             loss = loss * float("nan")
@@ -141,17 +138,13 @@ def _ddp_main(out: str, scenario: str) -> None:
         module, max_steps = Toy(bad={1: [2]}, out=out), 5
     elif scenario == "one_rank_nan_fused":  # the device-side skip (fused AdamW's found_inf)
         module, max_steps = FusedToy(bad={1: [2]}, out=out), 5
-    else:  # "stall": rank 1 stops answering at batch 2
-        module, max_steps = Toy(bad={}, stall={1: 2}, out=out), 5
+    else:
+        raise ValueError(scenario)
     strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=5))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[NonFiniteLossGuard(3)], default_root_dir=out)
-    try:
-        trainer.fit(module)
-    except Exception as err:
-        print("EXPLAINED:", explain_collective_failure(err, 0, 5), flush=True)
-        raise
+    trainer.fit(module)
 
 
 def _run_ddp(tmp_path, scenario: str, timeout: float) -> subprocess.CompletedProcess:
@@ -171,14 +164,81 @@ def test_ddp_skip_is_collective(tmp_path, scenario):
     assert ranks[0]["weight"] == ranks[1]["weight"] and ranks[0]["finite"]
 
 
-def test_stalled_rank_fails_after_the_collective_timeout(tmp_path):
-    """Rank 1 stops answering: rank 0's collective times out after 5 s and the job ends with an explanation."""
-    start = time.time()
-    proc = _run_ddp(tmp_path, "stall", timeout=240)
-    elapsed = time.time() - start
-    assert proc.returncode != 0
-    assert "a collective operation failed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert elapsed < 120, elapsed  # not the 600 s stall, nor PyTorch's 30 min default
+# Loaded by every interpreter the test starts (the PYTHONPATH entry). Both ranks enter the rendezvous together
+# (rank 1 starts long after rank 0 on a busy machine, and the rendezvous has the same short timeout); then in rank 1
+# (the child Lightning starts, LOCAL_RANK=1) the second backward stops answering, as a rank stuck in a driver or on
+# a dead node would.
+_STALL_RANK_1 = """
+import os, pathlib, time
+import torch
+import torch.distributed
+
+_init = torch.distributed.init_process_group
+_marks = pathlib.Path(os.environ["STALL_MARKS"])
+
+
+def _init_together(*args, **kwargs):
+    (_marks / ("ready" + os.environ.get("LOCAL_RANK", "0"))).touch()
+    deadline = time.time() + 300
+    while not all((_marks / f"ready{r}").exists() for r in (0, 1)) and time.time() < deadline:
+        time.sleep(0.1)
+    return _init(*args, **kwargs)
+
+
+torch.distributed.init_process_group = _init_together
+if os.environ.get("LOCAL_RANK") == "1":
+    _backward, _calls = torch.Tensor.backward, [0]
+
+    def _stalling_backward(self, *args, **kwargs):
+        _calls[0] += 1
+        if _calls[0] == 2:
+            (_marks / "stalled").write_text(str(time.time()))
+            time.sleep(600)
+        return _backward(self, *args, **kwargs)
+
+    torch.Tensor.backward = _stalling_backward
+"""
+
+
+def test_stalled_rank_fails_after_the_collective_timeout(tmp_path, tiny_shapes):
+    """train.py under DDP, rank 1 stalls mid-training: faults.collective_timeout_s (through build_strategy) ends
+    the job with rank 0's `error:` line, not the 600 s stall nor PyTorch's 30 min default."""
+    from .test_end_to_end import USER_DATA
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_STALL_RANK_1)
+    mark = tmp_path / "stalled"
+    timeout_s = 15
+    args = ["stage=vae", *USER_DATA, f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4",
+            "trainer.limit_val_batches=0", "paths.runs=runs", "paths.exports=exports",
+            f"faults.collective_timeout_s={timeout_s}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]), "STALL_MARKS": str(tmp_path)}
+    # Output to files: the stalled rank 1 (and its loader workers) outlive rank 0, and would hold pipes open.
+    with open(tmp_path / "stdout", "w") as out_file, open(tmp_path / "stderr", "w") as err_file:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                                stdout=out_file, stderr=err_file, text=True, start_new_session=True)
+        try:
+            code = proc.wait(timeout=180)  # rank 0: the process the user (or the launcher) started
+        except subprocess.TimeoutExpired:
+            code = None
+        ended = time.time()
+        try:
+            os.killpg(proc.pid, 9)  # the stalled rank 1 and every loader worker
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert code is not None, f"still running 180 s after the start:\n{err[-3000:]}"
+    assert mark.exists(), f"rank 1 never reached its stall:\n{out[-2000:]}\n{err[-3000:]}"
+    waited = ended - float(mark.read_text())
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith("error: rank 0: a collective operation failed"), err[-3000:]
+    assert f"faults.collective_timeout_s={timeout_s}" in errors[0]
+    assert timeout_s - 1 < waited < timeout_s + 60, waited  # failed by the setting's timeout, not another one
 
 
 def test_build_strategy_sets_the_timeout():

@@ -9,6 +9,8 @@ from ldm.autoencoder.model import AutoencoderKL
 from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
 from ldm.diffusion.unet import UNetModel, unet_preset
 
+from .conftest import block_runs
+
 TINY_AE = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, resolution=16, attn_resolutions=[8])
 
 
@@ -80,6 +82,14 @@ def test_unet_context_changes_output_and_checkpointing_matches():
     ckpt.train()
     unet.train()
     torch.testing.assert_close(ckpt(x, t, c1), unet(x, t, c1))
+    grads, runs = [], []
+    for model in (unet, ckpt):  # the backward too: recomputed blocks, same gradients
+        model.zero_grad()
+        runs.append(block_runs(model, lambda m=model: m(x, t, c1).square().mean().backward()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert set(runs[0]) == {1} and set(runs[1]) == {2}, runs
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_pooled_context_reaches_the_resblocks_and_starts_as_a_no_op():

@@ -86,15 +86,23 @@ def test_channels_last_trains_and_exports(tmp_path):
     assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     _train(module, 2, tmp_path / "run", None)
     assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    from ldm.checkpoints.bundle import write_bundle
+    from ldm.checkpoints.bundle import load_bundle, write_bundle
 
     out = write_bundle(module, tmp_path / "export")  # safetensors refuses non-contiguous tensors
-    assert out.is_dir() and any(out.iterdir())
+    loaded = load_bundle(out)
+    _assert_same_weights(module.ema.model, loaded.unet)  # every value where it was, not channels_last memory order
+    module.eval()
+    torch.manual_seed(1)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 3, module.ema.model.config["context_dim"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unet(x, t, c), module.ema.model(x, t, c), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_compile_with_gradient_checkpointing_is_one_graph_with_eager_gradients():
     import torch.nn.functional as F
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
     from ldm.diffusion.unet import unet_preset
 
@@ -107,11 +115,19 @@ def test_compile_with_gradient_checkpointing_is_one_graph_with_eager_gradients()
             p.normal_(0, 0.05)
     eager = unet_preset("tiny", use_checkpoint=False, **kwargs).train()
     eager.load_state_dict(compiled.state_dict())
-    compiled.compile(backend="aot_eager")
+    # aot_eager with the backward graph kept: checkpointing shows there as forward convolutions recomputed.
+    recomputed = []
+
+    def keep_backward(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+        recomputed.append(sum(n.target == torch.ops.aten.convolution.default for n in gm.graph.nodes))
+        return make_boxed_func(gm)
+
+    compiled.compile(backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep_backward))
     x, t, c = torch.randn(2, 4, 16, 16), torch.randint(0, 1000, (2,)), torch.randn(2, 8, 32)
     counters.clear()
     for model in (compiled, eager):
         F.mse_loss(model(x, t, c), torch.zeros_like(x)).backward()
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    assert len(recomputed) == 1 and recomputed[0] > 0, recomputed  # 0 when use_checkpoint is ignored
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,7 +1,7 @@
 """prefetch fills the weights cache; offline=true trains from it with no network, or stops naming what is missing.
 
-No network: the two download functions of ldm.weights are replaced by copies from a fixture "server"
-folder the tests fill with random-weight files.
+No network: torch.hub's file download and the Hugging Face hub download are replaced by copies from a
+fixture "server" folder the tests fill with random-weight files; ldm.weights' downloaders run as they are.
 """
 
 import shutil
@@ -45,20 +45,33 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def no_download_from_internet(server, monkeypatch):
-    """The downloaders copy from the fixture server and record what they were asked for."""
+    """Only the network layer is fake: torch.hub's file download and the Hugging Face hub download open_clip calls
+    copy from the fixture server (the hub one into a hub-style cache: a blob and a snapshot symlink to it), and
+    record what they were asked for. ldm.weights' own file handling runs as it does for users."""
+    import open_clip.pretrained
+    import torch.hub
+
     calls = []
 
-    def url(url, dest):
+    def url_to_file(url, dst, *args, **kwargs):
         calls.append(url)
-        shutil.copyfile(server / Path(url).name, dest)
+        shutil.copyfile(server / Path(url).name, dst)
 
-    def openclip(model_name, tag, dest):
-        calls.append(f"{model_name}/{tag}")
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(server / "open_clip_model.safetensors", dest / "open_clip_model.safetensors")
+    def hf_hub_download(repo_id, filename, revision=None, cache_dir=None, **kwargs):
+        if not (server / filename).is_file():
+            raise FileNotFoundError(f"{repo_id}/{filename} is not on the server")
+        calls.append(f"{repo_id}/{filename}")
+        repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+        blob = repo / "blobs" / "5f1ce0a1"
+        blob.parent.mkdir(parents=True)
+        shutil.copyfile(server / filename, blob)
+        link = repo / "snapshots" / "0" / filename
+        link.parent.mkdir(parents=True)
+        link.symlink_to(Path("..", "..", "blobs", blob.name))
+        return str(link)
 
-    monkeypatch.setattr(weights, "download_url", url)
-    monkeypatch.setattr(weights, "download_openclip", openclip)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", url_to_file)
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", hf_hub_download)
     return calls
 
 
@@ -131,7 +144,7 @@ def test_openclip_text_encoder_loads_the_prefetched_file(tmp_path, no_download_f
 
     overrides = ["stage=ldm", "model/text_encoder=openclip_vit_h14", f"paths.weights_cache={tmp_path}"]
     assert prefetch_main(overrides) == 0
-    assert no_download_from_internet == ["ViT-H-14/laion2b_s32b_b79k"]
+    assert no_download_from_internet == ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K/open_clip_model.safetensors"]
     cfg = compose_train("offline=true", *overrides)
     isolate_env(monkeypatch)
     weights.use_offline_cache(cfg)
@@ -149,6 +162,9 @@ def test_openclip_text_encoder_loads_the_prefetched_file(tmp_path, no_download_f
         OpenCLIPTextEncoder(**{k: v for k, v in cfg.model.text_encoder.items() if k != "kind"})
     expected = tmp_path / "open_clip" / "ViT-H-14" / "laion2b_s32b_b79k" / "open_clip_model.safetensors"
     assert asked == {"name": "ViT-H-14", "pretrained": str(expected)}
+    # a plain file with the served bytes (not a link into the hub cache prefetch downloaded into, now removed)
+    assert not expected.is_symlink() and expected.read_bytes() == b"not real weights"
+    assert [p.name for p in expected.parent.iterdir()] == [expected.name]
 
 
 def test_training_starts_offline_without_network(tmp_path, tiny_shapes, no_download_from_internet, monkeypatch,

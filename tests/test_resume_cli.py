@@ -93,3 +93,20 @@ def test_kill9_during_training_then_resume(tmp_path, tiny_shapes):
     (uninterrupted,) = [json.loads(p.read_text()) for p in (whole / "runs" / "vae").glob("*/summary.json")]
     assert resumed[0]["global_step"] == uninterrupted["global_step"] == steps
     assert resumed[0]["optimizer_steps_per_rank"] == uninterrupted["optimizer_steps_per_rank"] == [[steps, 0]]
+    # Where it ends: the same weights and optimizer state (moments and step counts) as the uninterrupted run, up to
+    # float summation order. Attention key biases are left out: their exact gradient is zero (softmax ignores a
+    # shift shared by all keys), so AdamW turns rounding noise into lr-sized steps that differ between any two runs.
+    (end_resumed,) = (killed / "runs" / "vae").glob(f"*/checkpoints/step{steps:07d}.ckpt")
+    (end_whole,) = (whole / "runs" / "vae").glob(f"*/checkpoints/step{steps:07d}.ckpt")
+    a, b = (torch.load(p, map_location="cpu", weights_only=False) for p in (end_resumed, end_whole))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in b["state_dict"].items():
+        if not name.endswith(".k.bias"):
+            torch.testing.assert_close(a["state_dict"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"]) == 2  # autoencoder and discriminator
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        assert opt_a["state"].keys() == opt_b["state"].keys()
+        for index, state in opt_b["state"].items():
+            for key, value in state.items():
+                torch.testing.assert_close(opt_a["state"][index][key], value, rtol=1e-4, atol=1e-5,
+                                           msg=f"optimizer state {index}.{key}")

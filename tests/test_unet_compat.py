@@ -20,6 +20,7 @@ from ldm.checkpoints.unet import (
 from ldm.diffusion.unet import PRESETS, UNetModel, unet_preset, upsample_conv
 from ldm.nn.embeddings import timestep_embedding
 
+from .conftest import block_runs
 from .conftest import randomize as _randomize
 
 diffusers = pytest.importorskip("diffusers")
@@ -204,11 +205,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ckpt = UNetModel(**dict(arch, use_checkpoint=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     x, t, c = inputs(arch["context_dim"])
-    grads = []
+    grads, runs = [], []
     for model in (plain, ckpt):
         model.zero_grad()
-        model(x, t, c).square().mean().backward()
+        runs.append(block_runs(model, lambda m=model: m(x, t, c).square().mean().backward()))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert set(runs[0]) == {1} and set(runs[1]) == {2}, runs  # checkpointing recomputed every block in backward
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
