@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from ldm.train.run_dir import checkpoint_step
 
 from .conftest import ROOT
@@ -113,3 +116,48 @@ def test_usr1_at_different_moments_saves_once_at_one_step_requeues_once_and_resu
     assert summary["start_step"] == saved and summary["global_step"] == target, summary
     assert summary["optimizer_steps_per_rank"] == [[target, 0], [target, 0]]
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
+
+
+class _Strategy:
+    root_device = torch.device("cpu")
+
+    def __init__(self, others: list[int]) -> None:
+        self.others = others  # the other rank's flag at each all-reduce
+        self.calls: list[torch.Tensor] = []
+
+    def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "max" and tensor.numel() == 1 and tensor.device == self.root_device
+        self.calls.append(tensor.clone())
+        return torch.maximum(tensor, torch.tensor([self.others[len(self.calls) - 1]], dtype=tensor.dtype))
+
+
+def test_flag_is_agreed_once_per_window_whatever_the_steps_per_batch(monkeypatch):
+    """One one-element all-reduce each time the global step crosses a window boundary: none between the
+    micro-batches of an accumulated step, one when the step jumps by 2 (stage=vae's two optimizers)."""
+    from types import SimpleNamespace
+
+    from ldm.train import preemption
+
+    strategy = _Strategy(others=[0, 0, 1])
+    saved = []
+    trainer = SimpleNamespace(global_step=0, world_size=2, strategy=strategy, global_rank=0, is_global_zero=True,
+                              loggers=[], default_root_dir="run",
+                              _signal_connector=SimpleNamespace(requeue_requested=False, stopping_for_requeue=False),
+                              _checkpoint_connector=SimpleNamespace(hpc_save_path=lambda root: f"{root}/hpc_ckpt_1"),
+                              save_checkpoint=lambda path: saved.append((path, trainer.global_step)))
+    monkeypatch.setattr(preemption, "requeue", lambda job: saved.append(("requeue", job)) or 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    callback = preemption.PreemptionCheckpoint(every_n_steps=4)
+    callback.on_train_start(trainer, None)
+    # global step after each batch: accumulation (3, 3, 3), then two optimizer steps per batch (6, 8, 10, 12)
+    for step in [1, 2, 3, 3, 3, 4, 6, 8, 10]:
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert len(strategy.calls) == 2 and not saved  # at steps 4 and 8; nobody had the flag
+    trainer.global_step = 12
+    with pytest.raises(preemption.PreemptedForRequeue):
+        callback.on_train_batch_end(trainer, None, None, None, 0)  # the other rank got USR1: save here too
+    assert len(strategy.calls) == 3 and strategy.calls[-1].item() == 0
+    assert saved == [("run/hpc_ckpt_1", 12), ("requeue", "77")]
+    assert trainer._signal_connector.stopping_for_requeue

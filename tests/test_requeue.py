@@ -142,25 +142,31 @@ def _save(path: Path, step: int) -> None:
     AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {"w": torch.zeros(2)}}, path)
 
 
+def _save_at(path: Path, step: int, mtime: int) -> None:
+    """A checkpoint of `step`, dated `mtime` seconds: the order of writes is set, not left to the clock."""
+    _save(path, step)
+    os.utime(path, (mtime, mtime))
+
+
 def test_resume_picks_the_furthest_step_not_the_newest_file(tmp_path, capsys):
     run = tmp_path / "runs" / "vae" / "a"
-    _save(run / "checkpoints" / "step0000008.ckpt", 8)
-    _save(run / "hpc_ckpt_1.ckpt", 9)
-    time.sleep(0.01)
-    _save(run / "hpc_ckpt_2.ckpt", 0)  # written last, but a stale state
+    _save_at(run / "checkpoints" / "step0000008.ckpt", 8, 1_000)
+    _save_at(run / "hpc_ckpt_1.ckpt", 9, 1_010)
+    _save_at(run / "hpc_ckpt_2.ckpt", 0, 1_020)  # written last, but a stale state
     (run / "checkpoints" / "nonfinite-step0000010.ckpt").write_bytes(b"")  # a stopped run is never resumed
     assert find_run_checkpoint(run) == run / "hpc_ckpt_1.ckpt"
     assert "holds step 0, behind hpc_ckpt_1.ckpt (step 9)" in capsys.readouterr().out
     # Equal steps: the newer file wins (last.ckpt is rewritten after the step file of the same step).
-    time.sleep(0.01)
-    _save(run / "checkpoints" / "last.ckpt", 9)
+    _save_at(run / "checkpoints" / "last.ckpt", 9, 1_030)
     assert find_run_checkpoint(run) == run / "checkpoints" / "last.ckpt"
-    # ckpt=last: the run that saved most recently, then its furthest checkpoint.
+    os.utime(run / "checkpoints" / "last.ckpt", (1_005, 1_005))  # ... and only the newer one
+    assert find_run_checkpoint(run) == run / "hpc_ckpt_1.ckpt"
+    # ckpt=last: the run that saved most recently (even with fewer steps), then its furthest checkpoint.
     other = tmp_path / "runs" / "vae" / "b"
-    _save(other / "checkpoints" / "last.ckpt", 100)
-    time.sleep(0.01)
-    _save(run / "checkpoints" / "step0000002.ckpt", 2)
-    assert find_latest_checkpoint(tmp_path / "runs", "vae") == run / "checkpoints" / "last.ckpt"
+    _save_at(other / "checkpoints" / "last.ckpt", 100, 1_040)
+    assert find_latest_checkpoint(tmp_path / "runs", "vae") == other / "checkpoints" / "last.ckpt"
+    _save_at(run / "checkpoints" / "step0000002.ckpt", 2, 1_050)
+    assert find_latest_checkpoint(tmp_path / "runs", "vae") == run / "hpc_ckpt_1.ckpt"
 
 
 def test_partial_files_do_not_look_like_lightning_versions(tmp_path):
@@ -169,10 +175,11 @@ def test_partial_files_do_not_look_like_lightning_versions(tmp_path):
     assert "ckpt_" not in name and name.endswith(".partial") and name.startswith(".")
 
 
-def _stubborn_worker() -> None:
+def _stubborn_worker(ready) -> None:
     from ldm.train.signals import ignore_job_signals
 
     ignore_job_signals(0)
+    ready.set()  # the handlers are in place: from now on SIGTERM is ignored
     while True:
         time.sleep(0.1)
 
@@ -184,12 +191,19 @@ def test_workers_that_ignore_sigterm_do_not_hold_up_the_exit():
 
     from ldm.train.signals import _kill_loader_workers
 
-    child = multiprocessing.get_context("fork").Process(target=_stubborn_worker, daemon=True)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_stubborn_worker, args=(ready,), daemon=True)
     child.start()
-    time.sleep(1.0)  # past its worker_init
-    child.terminate()  # what multiprocessing's own exit hook does first
-    child.join(timeout=1)
-    assert child.is_alive()  # ignored
-    _kill_loader_workers()
-    child.join(timeout=5)
-    assert not child.is_alive()
+    try:
+        assert ready.wait(timeout=30), "the child never installed its handlers"
+        child.terminate()  # what multiprocessing's own exit hook does first
+        child.join(timeout=1)
+        assert child.is_alive()  # ignored
+        _kill_loader_workers()
+        child.join(timeout=5)
+        assert not child.is_alive()
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()

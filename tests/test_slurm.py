@@ -2,7 +2,8 @@
 the sbatch script trains both stages with 2 tasks (CPU, gloo), SIGUSR1 saves + requeues + resumes, and a
 Hydra -m sweep through hydra/launcher=slurm runs its jobs (one of them preempted and resumed the same way).
 
-Needs root (slurmd) and either installed slurm-wlm/munge or apt-get; skipped otherwise.
+Needs root (slurmd) and either installed slurm-wlm/munge or apt-get; skipped otherwise, unless
+LDM_REQUIRE_SLURM=1 (set by .ci/run): then a machine that cannot run them fails the tests instead.
 """
 
 from __future__ import annotations
@@ -41,13 +42,20 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+def no_cluster(reason: str) -> None:
+    """Skip, or fail where the tests are required (CI): a skipped SLURM test would let a broken script pass."""
+    if os.environ.get("LDM_REQUIRE_SLURM") == "1":
+        pytest.fail(f"LDM_REQUIRE_SLURM=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Environment for sbatch/scontrol/train.py that talks to a fresh one-node cluster; stopped afterwards."""
     if os.geteuid() != 0:
-        pytest.skip("local SLURM needs root (slurmd starts job steps as their owner)")
+        no_cluster("local SLURM needs root (slurmd starts job steps as their owner)")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
-        pytest.skip("slurm-wlm is not installed and there is no apt-get to install it")
+        no_cluster("slurm-wlm is not installed and there is no apt-get to install it")
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "LDM_SLURM_DIR": str(state), "LDM_SLURM_PORT": str(_free_port_pair()),
            "SLURM_CONF": str(state / "slurm.conf"), "PATH": f"{state}/bin:{Path(sys.executable).parent}:"
@@ -58,7 +66,7 @@ def cluster(tmp_path_factory):
     start = time.time()
     proc = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode == 77:
-        pytest.skip(f"no local SLURM: {proc.stderr.strip()}")
+        no_cluster(f"no local SLURM: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     print(f"local SLURM up in {time.time() - start:.1f} s")
     yield env
