@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmark and CUDA checks, prepared to run once on a device machine (one H100, no internet), < 8 min.
+# The one prepared GPU check (issue 27): one GPU, no internet, < 10 min with starts.
 #   device tool run: command "bash bench/gpu.sh", carry [".whl"], timeout_s 600
 #   rehearsal here, on the CPU with tiny sizes: GPU_SH_CPU=1 OUT=/tmp/gpu_sh_out bash bench/gpu.sh
 # Sections, each in its own process with a timeout (a failure loses only that section), all logs under $OUT:
-#   env    wheels from .whl/ into /tmp/site, nvidia-smi, versions, imports        -> env.log
-#   unet   bench/gpu_unet.py: SD2 UNet, ours vs diffusers, eager + compile       -> unet.log, gpu_unet.json
-#   train  train.py on CUDA: vae bf16+compile / fp16, ldm bf16 / ddp / compile   -> train.log
-#   micro  bench/run_all.py: unet_step + autoencoder_step (when present), cuda   -> micro.log, micro.json
-#   table  $OUT/gpu_table.md, printed at the end
+#   env       wheels from .whl/ into /tmp/site, nvidia-smi, versions, imports                -> env.log
+#   unet      bench/gpu_unet.py: SD2 UNet, ours vs diffusers, eager + compile (throughput)   -> unet.log, gpu_unet.json
+#   pipeline  what a cluster user types, with trainer=ddp trainer.devices=1 (NCCL at world size 1 refuses CPU
+#             tensors as 8 GPUs would), bf16-mixed, perf.compile=true, a few dozen steps: stage=vae, its ckpt=last
+#             resume, stage=ldm on its export (perf.sdpa_backends=[flash], validation sampling, FID, CLIP score),
+#             its ckpt=last resume, sample.py on that export; each stage writes export/ and summary.json -> pipeline.log
+#   fsdp      trainer=fsdp trainer.devices=1 on the pipeline's autoencoder: stage 2, save, ckpt=last resume, export
+#   table     $OUT/gpu_table.md: one row per check and section (PASS/FAIL, seconds, why), printed at the end
 # .whl/ holds what the machine's image lacks, at .venv's versions (machine has huggingface_hub, safetensors,
 # regex, filelock, zipp, timm, pytorch-lightning; not carried: torch, wandb):
 #   antlr4-python3-runtime==4.9.3 braceexpand==0.1.7 diffusers==0.42.1 ftfy==6.3.1 hydra-core==1.3.8
@@ -27,24 +30,26 @@ cd "$ROOT" || exit 1
 OUT=${OUT:-/tmp/gpu_sh_out}
 WORK=${GPU_SH_WORK:-/tmp/gpu_sh_work}
 TABLE=$OUT/gpu_table.md
-BUDGET=${GPU_SH_BUDGET_S:-480}  # seconds for all sections; a section gets min(its cap, what is left)
+BUDGET=${GPU_SH_BUDGET_S:-520}  # seconds for all sections; a section gets min(its cap, what is left)
 if [[ ${GPU_SH_CPU:-0} == 1 ]]; then
   PY=${PY:-$ROOT/.venv/bin/python}; SITE=$WORK/site; ACCEL=cpu; STEPS=3; DATA_ARGS="--num 600 --num-val 128"
-  CAPS=(120 300 900 400); BUDGET=${GPU_SH_BUDGET_S:-1800}  # env unet train micro: a shared 2-core CPU is slow
-  VAE_EXTRA="trainer.limit_val_batches=1"; COMPILE_BACKEND=aot_eager  # inductor's C++ build takes minutes here
-  LDM_EXTRA="trainer.limit_val_batches=1 stage.num_val_prompts=4 stage.module.num_inference_steps=5"
+  CAPS=(60 200 1500 500); BUDGET=${GPU_SH_BUDGET_S:-2400}  # env unet pipeline fsdp: a shared 2-core CPU is slow
+  COMPILE_BACKEND=aot_eager  # inductor's C++ build takes minutes here
+  SAMPLE_STEPS=3; SAMPLE_DEVICE=cpu
+  VAE_EXTRA="trainer.limit_val_batches=1 data.batch_size=8"; LDM_EXTRA="data.batch_size=8"; FSDP_EXTRA="data.batch_size=8"
   UNET_ARGS="--device cpu --preset tiny --res 32 --batch 2 --steps 2 --warmup 1 --dtype float32 --no-compile"
-  MICRO_ARGS="--device cpu --dtype float32 --quick --repeats 1 --threads 2 --only unet_step,autoencoder_step"
 else
-  PY=${PY:-python3}; SITE=/tmp/site; ACCEL=gpu; STEPS=30; DATA_ARGS=""
-  read -r -a CAPS <<<"${GPU_SH_CAPS:-60 300 200 110}"  # seconds for the sections env unet train micro
-  VAE_EXTRA=""; LDM_EXTRA=""  # the stages' own validation (16 prompts, DDIM 50) is part of what is checked
+  PY=${PY:-python3}; SITE=/tmp/site; ACCEL=gpu; STEPS=20; DATA_ARGS=""
+  read -r -a CAPS <<<"${GPU_SH_CAPS:-45 150 235 90}"  # seconds for the sections env unet pipeline fsdp
   COMPILE_BACKEND=inductor
-  # --budget-s: start no model variant after 170 s, so the last compile still ends inside the section's cap
+  SAMPLE_STEPS=10; SAMPLE_DEVICE=cuda
+  VAE_EXTRA=""; LDM_EXTRA=""; FSDP_EXTRA=""
+  # --budget-s: start no model variant after 90 s, so the last compile still ends inside the section's cap
   UNET_ARGS="--device cuda --batch 32 --steps 20 --warmup 5 --compile --which ours,diffusers --peak-tflops 989 \
---budget-s 170 ${GPU_UNET_EXTRA:-}"
-  MICRO_ARGS="--device cuda --dtype bfloat16 --sizes tiny,small --repeats 10 --threads 8"
+--budget-s 90 ${GPU_UNET_EXTRA:-}"
 fi
+# Extra overrides for the stage-2 runs, e.g. GPU_SH_LDM_EXTRA=trainer.gradient_clip_val=null
+LDM_EXTRA="$LDM_EXTRA ${GPU_SH_LDM_EXTRA:-}"; FSDP_EXTRA="$FSDP_EXTRA ${GPU_SH_LDM_EXTRA:-}"
 export PYTHONPATH=$SITE:$ROOT PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 export HYDRA_FULL_ERROR=1 TORCHINDUCTOR_CACHE_DIR=$WORK/inductor
 
@@ -80,97 +85,132 @@ sec_unet() {
   "$PY" bench/gpu_unet.py $UNET_ARGS --json "$OUT/gpu_unet.json" --md "$WORK/unet.md"
 }
 
-# One training run in the background: train.py with the common overrides plus the check's own; rc to a file.
-# Its cap is a share of what is left of the section (SHARE: pairs still to run), so the PASS/FAIL table is
-# always written before the section's own timeout.
-train_run() {
-  local name=$1 cap=$(((SECTION_CAP - SECONDS - 20) / SHARE))
-  shift
-  local common=(logger=csv trainer.accelerator="$ACCEL" trainer.devices=1 trainer.max_steps="$STEPS"
-                trainer.val_check_interval="$STEPS" trainer.enable_progress_bar=false trainer.log_every_n_steps=1
-                data.train_shards="$WORK/data/train" data.val_shards="$WORK/data/val"
-                paths.runs="$WORK/runs" hydra.run.dir="$WORK/runs/$name")
-  (
-    start=$SECONDS
-    timeout -k 10 "$cap" "$PY" train.py "${common[@]}" "$@" >"$WORK/logs/$name.log" 2>&1
-    echo "$? $((SECONDS - start))" >"$WORK/logs/$name.rc"
-  ) &
+# One check: a command with a timeout, its log, and "rc seconds" in $WORK/logs/NAME.rc.
+check() {  # name cap_seconds command...
+  local name=$1 cap=$2 start=$SECONDS
+  shift 2
+  echo "--- $name (cap ${cap}s): $*"
+  timeout -k 10 "$cap" "$@" >"$WORK/logs/$name.log" 2>&1
+  echo "$? $((SECONDS - start))" >"$WORK/logs/$name.rc"
+  tail -n 5 "$WORK/logs/$name.log"
 }
 
-sec_train() {
+# train.py with the settings every check shares; runs_dir per chain, so that ckpt=last finds that chain's run.
+train() {  # name cap runs_dir overrides...
+  local name=$1 cap=$2 runs=$3
+  shift 3
+  check "$name" "$cap" "$PY" train.py logger=csv trainer.accelerator="$ACCEL" trainer.devices=1 \
+    trainer.enable_progress_bar=false trainer.log_every_n_steps=5 checkpoint.every_n_train_steps="$STEPS" \
+    data.train_shards="$WORK/data/train" data.val_shards="$WORK/data/val" paths.runs="$runs" \
+    paths.exports="$WORK/exp" "hydra.run.dir=$runs/\${stage.name}/$name" "$@"
+}
+
+left() { echo $(((SECTION_CAP - SECONDS - 15) / $1)); }  # a share of what is left of the section
+
+sec_pipeline() {
   mkdir -p "$WORK/logs"
-  # The data first and alone: two runs writing it on first use at once would race.
   # shellcheck disable=SC2086
-  timeout $((SECTION_CAP / 4)) "$PY" -m ldm.data.shapes --out "$WORK/data" $DATA_ARGS || echo "FAIL: shapes data"
-  SHARE=2
+  timeout 120 "$PY" -m ldm.data.shapes --out "$WORK/data" $DATA_ARGS || echo "FAIL: shapes data"
+  local runs=$WORK/runs_ddp
+  local ddp=(trainer=ddp trainer.precision=bf16-mixed perf.compile=true "perf.compile_backend=$COMPILE_BACKEND")
   # shellcheck disable=SC2086
-  train_run vae_bf16_compile stage=vae trainer.precision=bf16-mixed paths.exports="$WORK/exp_bf16" \
-    perf.compile=true perf.compile_backend=$COMPILE_BACKEND $VAE_EXTRA
+  train vae "$(left 5)" "$runs" stage=vae "${ddp[@]}" trainer.max_steps="$STEPS" trainer.val_check_interval="$STEPS" \
+    $VAE_EXTRA
   # shellcheck disable=SC2086
-  train_run vae_fp16 stage=vae trainer.precision=16-mixed paths.exports="$WORK/exp_fp16" $VAE_EXTRA
-  wait
-  local exp=$WORK/exp_bf16
-  [[ -f $exp/autoencoder/autoencoder.safetensors ]] || exp=$WORK/exp_fp16  # an ldm check even if the first failed
-  SHARE=1
+  train vae_resume "$(left 4)" "$runs" stage=vae "${ddp[@]}" ckpt=last trainer.max_steps=$((2 * STEPS)) \
+    trainer.val_check_interval="$STEPS" $VAE_EXTRA
+  # Validation samples and scores (the shapes recipe turns both off for make train's speed); flash only: the
+  # autoencoder's head dim 512 and any float32 call must fall back with a warning, not fail.
+  local ldm=(stage=ldm "${ddp[@]}" "perf.sdpa_backends=[flash]" trainer.val_check_interval="$STEPS"
+             trainer.limit_val_batches=1 stage.num_val_prompts=4 stage.module.metrics.num_samples=8
+             "stage.module.num_inference_steps=$SAMPLE_STEPS")
   # shellcheck disable=SC2086
-  train_run ldm_bf16 stage=ldm trainer.precision=bf16-mixed paths.exports="$exp" $LDM_EXTRA
+  train ldm "$(left 3)" "$runs" "${ldm[@]}" trainer.max_steps="$STEPS" $LDM_EXTRA
   # shellcheck disable=SC2086
-  train_run ldm_ddp stage=ldm trainer.precision=bf16-mixed trainer.strategy=ddp paths.exports="$exp" $LDM_EXTRA
+  train ldm_resume "$(left 2)" "$runs" "${ldm[@]}" ckpt=last trainer.max_steps=$((2 * STEPS)) $LDM_EXTRA
+  check sample "$(left 1)" "$PY" sample.py ckpt="$runs/ldm/ldm_resume/export" \
+    "prompt=a red circle on a blue background" num_images=2 steps="$SAMPLE_STEPS" device="$SAMPLE_DEVICE" \
+    precision=bf16 progress=false out="$WORK/samples"
+}
+
+sec_fsdp() {
+  mkdir -p "$WORK/logs"
+  local runs=$WORK/runs_fsdp fsdp=(stage=ldm trainer=fsdp trainer.limit_val_batches=0)
+  [[ -f $WORK/exp/autoencoder/autoencoder.safetensors ]] || echo "FAIL: no stage-1 export from the pipeline section"
   # shellcheck disable=SC2086
-  train_run ldm_compile stage=ldm trainer.precision=bf16-mixed paths.exports="$exp" perf.compile=true \
-    perf.compile_backend=$COMPILE_BACKEND $LDM_EXTRA
-  wait
-  for name in vae_bf16_compile vae_fp16 ldm_bf16 ldm_ddp ldm_compile; do
-    echo "################ $name"
-    cat "$WORK/logs/$name.log" 2>/dev/null
-  done
-  "$PY" - "$WORK" "$STEPS" "$TABLE" <<'EOF'
+  train fsdp "$(left 2)" "$runs" "${fsdp[@]}" trainer.max_steps="$STEPS" $FSDP_EXTRA
+  # shellcheck disable=SC2086
+  train fsdp_resume "$(left 1)" "$runs" "${fsdp[@]}" ckpt=last trainer.max_steps=$((2 * STEPS)) $FSDP_EXTRA
+}
+
+# One row per check, from its rc file, log, summary.json and export: PASS or FAIL and why. Args: section rows.
+write_table() {
+  "$PY" - "$WORK" "$STEPS" "$TABLE" "$@" <<'EOF'
 import csv, json, math, sys
 from pathlib import Path
-work, steps, table = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-lines = [f"### CUDA path checks of train.py ({steps} steps each)", "",
-         "| check | result | steps | last train loss | wall s | why |", "|---|---|---|---|---|---|"]
-for name in ["vae_bf16_compile", "vae_fp16", "ldm_bf16", "ldm_ddp", "ldm_compile"]:
+work, steps, table, sections = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+expect = {  # check: (runs dir, stage, start step, final step, what the export must hold); None: sample.py
+    "vae": ("runs_ddp", "vae", 0, steps, "export/autoencoder.safetensors"),
+    "vae_resume": ("runs_ddp", "vae", steps, 2 * steps, "export/autoencoder.safetensors"),
+    "ldm": ("runs_ddp", "ldm", 0, steps, "export"),
+    "ldm_resume": ("runs_ddp", "ldm", steps, 2 * steps, "export"),
+    "sample": None,
+    "fsdp": ("runs_fsdp", "ldm", 0, steps, "export"),
+    "fsdp_resume": ("runs_fsdp", "ldm", steps, 2 * steps, "export"),
+}
+rows = ["| check | result | seconds | why / what |", "|---|---|---|---|"]
+for line in sections:  # "name rc seconds" per section, from main
+    name, rc, secs = line.split()
+    rows.append(f"| section {name} | {'PASS' if rc == '0' else 'FAIL'} | {secs} | {'' if rc == '0' else 'rc ' + rc} |")
+for name, spec in expect.items():
     rc_file, log_file = work / "logs" / f"{name}.rc", work / "logs" / f"{name}.log"
-    rc, wall = rc_file.read_text().split() if rc_file.exists() else ("?", "?")
+    if not rc_file.exists():
+        rows.append(f"| {name} | FAIL | - | not run |")
+        print(f"FAIL {name}: not run")
+        continue
+    rc, secs = rc_file.read_text().split()
     log = log_file.read_text(errors="replace") if log_file.exists() else ""
-    run = work / "runs" / name
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    losses, bad = [], []
-    metrics = run / "logs" / "metrics.csv"
-    for row in (csv.DictReader(metrics.open()) if metrics.exists() else []):
-        for key, value in row.items():
-            if "loss" in key and value not in ("", None):
-                (losses if math.isfinite(float(value)) else bad).append((key, float(value)))
-    why = []
+    why, what = [], []
     if rc != "0":
         why.append("timeout" if rc in ("124", "137") else f"rc {rc}")
-    if summary.get("global_step") != steps:
-        why.append(f"global_step {summary.get('global_step')}")
-    if not losses:
-        why.append("no finite loss in metrics.csv")
-    if bad:
-        why.append(f"{len(bad)} non-finite: {bad[0][0]}")
     if "Traceback" in log:
-        why.append("Traceback in log")
-    last = [v for k, v in losses if k == "train/loss"] or [v for k, v in losses if k.startswith("train/")]
-    shown = f"{last[-1]:.4g}" if last else "-"
+        last = [ln for ln in log.splitlines() if ln.strip() and not ln.startswith(" ")]
+        why.append("Traceback: " + (last[-1] if last else "")[:160].replace("|", "/"))
+    if spec is None:
+        manifest, pngs = work / "samples" / "manifest.jsonl", list((work / "samples").glob("*.png"))
+        if not manifest.exists() or len(pngs) < 2:
+            why.append(f"{len(pngs)} PNGs, manifest {'present' if manifest.exists() else 'missing'}")
+        what.append(f"{len(pngs)} PNGs + manifest.jsonl")
+    else:
+        runs, stage, start, final, export = spec
+        run = work / runs / stage / name
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        if not summary:
+            why.append("no summary.json")
+        elif summary.get("global_step") != final or (summary.get("start_step") or 0) != start:
+            why.append(f"steps {summary.get('start_step')}->{summary.get('global_step')}, expected {start}->{final}")
+        if not (run / export).exists():
+            why.append(f"no {export}")
+        losses = []
+        metrics = run / "logs" / "metrics.csv"
+        for row in (csv.DictReader(metrics.open()) if metrics.exists() else []):
+            losses += [float(v) for k, v in row.items() if k.startswith("train/") and "loss" in k and v]
+        if not losses or any(not math.isfinite(v) for v in losses):
+            why.append("no finite train loss" if not losses else "non-finite train loss")
+        shown = {k.removeprefix("val/"): round(v, 3) for k, v in summary.get("metrics", {}).items()
+                 if k in ("val/psnr", "val/fid", "val/clip_score", "val/loss")}
+        what.append(f"steps {summary.get('start_step')}->{summary.get('global_step')} {shown}".replace("|", "/"))
     result = "FAIL" if why else "PASS"
     print(f"{result} {name}: {'; '.join(why) or 'ok'}")
-    lines.append(f"| {name} | {result} | {summary.get('global_step', '-')} | {shown} | {wall} | {'; '.join(why)} |")
+    rows.append(f"| {name} | {result} | {secs} | {'; '.join(why + what)} |")
 with open(table, "a") as f:
-    f.write("\n".join(lines) + "\n\n")
+    f.write("### Checks\n\n" + "\n".join(rows) + "\n\n")
 EOF
-}
-
-sec_micro() {
-  # shellcheck disable=SC2086
-  "$PY" bench/run_all.py $MICRO_ARGS --budget-s $((SECTION_CAP - 15)) --json "$OUT/micro.json" --md "$WORK/micro.md"
 }
 
 # A section runs in a fresh process of this script (the caller puts `timeout` around it).
 if [[ ${1:-} == --section ]]; then
-  "sec_$2"
+  if [[ $2 == table ]]; then write_table "${@:3}"; else "sec_$2"; fi
   exit $?
 fi
 
@@ -183,7 +223,7 @@ main() {  # one function, parsed whole before it runs: editing this file mid-run
     ((cap > left)) && cap=$left
     if ((cap < 20)); then
       echo "=== $name: SKIPPED, budget of ${BUDGET}s spent"
-      TIMES+=("| $name | skipped (budget) | - |")
+      TIMES+=("$name skipped -")
       return
     fi
     echo "=== $name: start at ${SECONDS}s, cap ${cap}s, log $log"
@@ -192,7 +232,7 @@ main() {  # one function, parsed whole before it runs: editing this file mid-run
     rc=$?
     echo "=== $name: rc $rc after $((SECONDS - t0))s$( ((rc == 124 || rc == 137)) && echo ' (TIMED OUT)')"
     if ((rc != 0)); then tail -n 25 "$log" | sed 's/^/    /'; fi
-    TIMES+=("| $name | $( ((rc == 0)) && echo ok || echo "rc $rc") | $((SECONDS - t0)) |")
+    TIMES+=("$name $rc $((SECONDS - t0))")
   }
 
   mkdir -p "$OUT"
@@ -203,19 +243,14 @@ main() {  # one function, parsed whole before it runs: editing this file mid-run
   section env "${CAPS[0]}" env.log
   grep -E "^(python|imports|FAIL)" "$OUT/env.log" | sed 's/^/    /'
   section unet "${CAPS[1]}" unet.log
-  if [[ -f $WORK/unet.md ]]; then cat "$WORK/unet.md" >>"$TABLE"; else echo "(gpu_unet wrote no table)" >>"$TABLE"; fi
-  echo >>"$TABLE"
-  section train "${CAPS[2]}" train.log
-  grep -E "^(PASS|FAIL)" "$OUT/train.log" | sed 's/^/    /'
-  section micro "${CAPS[3]}" micro.log
-  if [[ -f $WORK/micro.md ]]; then cat "$WORK/micro.md" >>"$TABLE"; else echo "(run_all wrote no table)" >>"$TABLE"; fi
-
+  section pipeline "${CAPS[2]}" pipeline.log
+  section fsdp "${CAPS[3]}" fsdp.log
+  cp "$WORK"/logs/*.log "$OUT/" 2>/dev/null  # every check's own log comes back too
+  SECTION_CAP=60 timeout 60 bash "${BASH_SOURCE[0]}" --section table "${TIMES[@]}" | sed 's/^/    /'
   {
-    echo "### Sections"
+    echo "UNet-only throughput (bench/gpu_unet.py):"
     echo
-    echo "| section | result | seconds |"
-    echo "|---|---|---|"
-    printf '%s\n' "${TIMES[@]}"
+    if [[ -f $WORK/unet.md ]]; then cat "$WORK/unet.md"; else echo "(gpu_unet wrote no table)"; fi
     echo
     echo "total: $((SECONDS - START)) s"
   } >>"$TABLE"
