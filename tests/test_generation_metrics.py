@@ -45,6 +45,16 @@ def test_values_and_real_statistics_survive_reset():
     metrics = GenerationMetrics(**CONFIG)
     first = compute(metrics, 0, 1)
     assert first["fid"] > 0 and first["clip_score"] > 0
+    # CLIP score by hand with the same tower: 100 x cosine(image, caption) floored at 0, averaged over samples
+    from ldm.metrics.clip_score import build_openclip
+
+    model, processor = build_openclip(None)
+    _, fake, prompts = data()
+    with torch.no_grad():
+        image = model.get_image_features(processor(images=list((fake + 1) / 2 * 255))["pixel_values"])
+        text = model.get_text_features(processor(text=prompts)["input_ids"])
+    by_hand = (100 * torch.nn.functional.cosine_similarity(image, text)).clamp(min=0).mean()
+    assert first["clip_score"] == pytest.approx(float(by_hand), rel=1e-4)
     metrics.reset()  # a new validation: generated samples again, the real statistics are kept
     _, fake, prompts = data()
     metrics.update_generated(fake, prompts)
