@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.checkpoints.bundle import EMA_WEIGHTS, write_bundle
 from ldm.diffusion.unet import TimestepEmbedSequential
@@ -26,17 +26,15 @@ CLIP = 1e-3  # far below the gradient norm: every step is clipped
 
 
 class _Latents(Dataset):
-    """Precomputed posterior moments (the encoder never runs), 4 per rank: 2 steps per epoch at batch 2.
+    """Precomputed posterior moments (the encoder never runs), 2 per rank: one batch per epoch.
 
-    Every batch of a rank holds the same two samples (rank 0 gets items 0, 2, 4, 6: samples 0, 2, 0, 2), so a
-    resumed run sees the data of an uninterrupted one wherever a plain DataLoader restarts; the noise, time
-    steps and caption dropout of each step differ (seeded by step and rank)."""
+    One batch per epoch because Lightning restarts a map-style loader's epoch on resume (see test_resume.py);
+    the noise, time steps and caption dropout of each step still differ (seeded by step and rank)."""
 
     def __len__(self) -> int:
-        return 8
+        return 4
 
     def __getitem__(self, i: int) -> dict:
-        i %= 4
         g = torch.Generator().manual_seed(i)
         return {"moments": torch.randn(8, 4, 4, generator=g), "caption": f"shape {i}"}
 
@@ -60,14 +58,27 @@ class _Probe(pl.Callback):
         trainer.optimizers[0].register_step_post_hook(record)
 
 
+class _Restart(pl.Callback):
+    """The full UNet and EMA weights and the step when a resumed run starts training."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+        with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
+            self.unet = {k: v.detach().clone() for k, v in pl_module.unet.named_parameters()}
+            self.ema = {k: v.detach().clone() for k, v in pl_module.ema.model.named_parameters()}
+
+
 def _trainer(tmp: str, strategy: object, precision: str, steps: int, **kwargs: object) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision=precision, max_steps=steps,
                       gradient_clip_val=CLIP, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp, **kwargs)
+                      enable_model_summary=False, default_root_dir=tmp, use_distributed_sampler=False, **kwargs)
 
 
 def _loader() -> DataLoader:
-    return DataLoader(_Latents(), batch_size=2, num_workers=1)
+    """Each rank its 2 samples in a fixed order (no epoch shuffling), with a loader worker as users run."""
+    rank = int(os.environ["RANK"])
+    sampler = DistributedSampler(_Latents(), num_replicas=2, rank=rank, shuffle=False)
+    return DataLoader(_Latents(), batch_size=2, sampler=sampler, num_workers=1)
 
 
 def _module() -> pl.LightningModule:
@@ -103,20 +114,26 @@ def _worker(rank: int, port: int, tmp: str, out: dict) -> None:
     result["buffers"] = {str(b.dtype) for b in (module.schedule.alphas_cumprod, module.scale_factor)}
     result["norms"] = probe.norms
     result["seconds"].append(round(time.time() - start, 1))
-    # 2. float32: 2 steps, a checkpoint, a resumed run to step 4 (sampling on its shards).
-    first = _module()
-    trainer = _trainer(tmp, build_strategy("fsdp", 60), "32-true", 2)
-    trainer.fit(first, _loader())
-    trainer.save_checkpoint(f"{tmp}/step2.ckpt")  # every rank: a collective, rank 0 writes the full state
-    resumed = _module()
+    # 2. float32, 4 steps, saved (every rank: a collective; rank 0 writes the full state).
+    module = _module()
     strategy = build_strategy("fsdp", 60)
     trainer = _trainer(tmp, strategy, "32-true", 4)
-    trainer.fit(resumed, _loader(), ckpt_path=f"{tmp}/step2.ckpt")
-    sharded = _full_ema(strategy, resumed)
-    result["updates"] = int(resumed.ema.num_updates)
-    images = resumed.generate(["shape 1"], seed=3)  # outside any forward: the EMA units gather themselves
+    trainer.fit(module, _loader())
+    trainer.save_checkpoint(f"{tmp}/step4.ckpt")
+    sharded = _full_ema(strategy, module)
+    result["updates"] = int(module.ema.num_updates)
+    images = module.generate(["shape 1"], seed=3)  # outside any forward: the EMA units gather themselves
+    # 3. Resumed on a fresh model: the UNet and EMA weights when training restarts are the saved ones.
+    restart = _Restart()
+    again = build_strategy("fsdp", 60)
+    _trainer(tmp, again, "32-true", 5, callbacks=[restart]).fit(_module(), _loader(), ckpt_path=f"{tmp}/step4.ckpt")
+    with FSDP.summon_full_params(strategy.model, writeback=False):
+        unet = {k: v.detach().clone() for k, v in module.unet.named_parameters()}
+    result["resume_diff"] = max(max((restart.ema[k] - sharded[k]).abs().max().item() for k in sharded),
+                                max((restart.unet[k] - unet[k]).abs().max().item() for k in unet))
+    result["resume_step"] = restart.step
     result["seconds"].append(round(time.time() - start, 1))
-    # 3. The reference: DDP (every weight whole on every rank), 4 steps without a stop.
+    # 4. The reference: DDP (every weight whole on every rank), the same 4 steps.
     reference = _module()
     ddp = build_strategy("ddp", 60)
     _trainer(tmp, ddp, "32-true", 4).fit(reference, _loader())
@@ -125,8 +142,8 @@ def _worker(rank: int, port: int, tmp: str, out: dict) -> None:
     result["ema_moved"] = max((unsharded[k] - p).abs().max().item()
                               for k, p in _module().ema.model.named_parameters())
     result["seconds"].append(round(time.time() - start, 1))
-    # 4. Export: the full state gathered once, a plain module on rank 0.
-    plain = module_for_export(trainer, resumed)
+    # 5. Export: the full state gathered once, a plain module on rank 0.
+    plain = module_for_export(trainer, module)
     if rank == 0:
         bundle = write_bundle(plain, f"{tmp}/export", outside_layouts=False)
         exported = load_file(str(bundle / EMA_WEIGHTS))
@@ -153,8 +170,9 @@ def test_fsdp_shards_the_unet_and_matches_ddp(tmp_path):
     assert len(r0["norms"]) == 2 and all(n == pytest.approx(CLIP, rel=1e-3) for n in r0["norms"]), r0["norms"]
     assert r0["updates"] == 4
     assert r0["ema_moved"] > 1e-3  # the comparison below compares weights that trained
-    # Sharded, stopped at step 2 and resumed: the EMA of an unsharded run without a stop.
     assert r0["ema_vs_ddp"] < 1e-5 and r1["ema_vs_ddp"] < 1e-5, (r0["ema_vs_ddp"], r1["ema_vs_ddp"])
+    # Resume: the saved full state lands back in the shards exactly (the EMA's update count with it).
+    assert r0["resume_step"] == 4 and r0["resume_diff"] == 0.0 and r1["resume_diff"] == 0.0, (r0, r1)
     assert r0["export_keys"] and r0["export_diff"] < 1e-6, r0
     assert r0["image_diff"] < 1e-4, r0["image_diff"]
     print("seconds per phase (rank 0):", r0["seconds"])

@@ -13,7 +13,7 @@ after `fit`. ShardedUNetStrategy fixes each of these:
   on its device, in their own dtype.
 - precision: weights gathered in bf16/fp16 for compute, gradients reduced in float32, buffers float32.
 - clipping: FSDP's clip_grad_norm_ on the root (a norm over all shards), which Lightning's FSDPPrecision refuses.
-- checkpoints: full state dicts (one file, as with DDP, resumable on another world size); on resume the
+- checkpoints: full state dicts (one file, as with DDP); on resume the
   modules kept whole may be absent from the file (they are rebuilt from the config).
 - export: `module_for_export` gathers the full state once, on all ranks, into a plain module on rank 0.
 
@@ -34,7 +34,11 @@ from pytorch_lightning.plugins.precision import FSDPPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torch.distributed.fsdp import FullStateDictConfig, MixedPrecision, StateDictType
+from torch.distributed.fsdp import (
+    FullStateDictConfig,
+    MixedPrecision,
+    StateDictType,
+)
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
