@@ -341,3 +341,24 @@ def test_checkpoints_leave_out_a_published_frozen_text_tower(tmp_path, one_threa
     torch.save(saved, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not the one this checkpoint was trained with"):
         LatentDiffusionModule.load_from_checkpoint(tmp_path / "other.ckpt", map_location="cpu")
+
+
+def test_a_periodic_checkpoint_holds_that_steps_ema(tmp_path, tiny_shapes, monkeypatch, one_thread):
+    """Lightning saves ModelCheckpoint's periodic file before the module's on_train_batch_end: unless train()
+    updates the EMA first, step N's checkpoint holds N-1 averages and a resume from it loses one for good."""
+    from ldm.train.cli import train
+    from tests.test_prefetch import compose_train
+
+    monkeypatch.setenv("LDM_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train("stage=ldm", "model/autoencoder=identity", "logger=csv", "trainer.accelerator=cpu",
+                        "trainer.devices=1", "trainer.max_steps=3", "trainer.limit_val_batches=0",
+                        "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2",
+                        "stage.module.metrics.num_samples=0", "data.resolution=16", "data.batch_size=4",
+                        "data.num_workers=0", "model.unet.model_channels=32", "model.unet.num_head_channels=16",
+                        "model.text_encoder.width=32", f"data.train_shards={tiny_shapes}/train",
+                        f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", "paths.exports=nowhere")
+    train(cfg)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step0000002.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert int(saved["state_dict"]["ema.num_updates"]) == 2  # not 1 (saved before the update), not 3 (twice)

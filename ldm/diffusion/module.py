@@ -216,6 +216,15 @@ class LatentDiffusionModule(pl.LightningModule):
         return per_sample, (alpha / sigma).flatten().float() ** 2
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """Average this optimizer step's weights into the EMA copies, once, whoever calls first.
+
+        Lightning runs callbacks' on_train_batch_end before the module's, and ModelCheckpoint last among
+        callbacks: ldm.train.cli adds a callback that calls this before ModelCheckpoint, so a periodic checkpoint
+        holds this step's average (else a resume from it would lose one EMA update for good).
+        """
         # Once per optimizer step, not per micro-batch: with accumulate_grad_batches=k the decay stays d (not d^k)
         # and the EMA warm-up counts optimizer steps. global_step counts them (a host int, no device read).
         step = self._trainer.global_step if self._trainer is not None else None  # None: called by hand

@@ -252,6 +252,16 @@ class _StartStep(pl.Callback):
         self.step = trainer.global_step
 
 
+class _EMABeforeCheckpoint(pl.Callback):
+    """The step's EMA update before ModelCheckpoint saves (Lightning runs checkpoint callbacks last, and all
+    callbacks before the module's own on_train_batch_end)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        update = getattr(pl_module, "update_ema", None)
+        if update is not None:
+            update()
+
+
 class _LastValidation(pl.Callback):
     """The global step of the last full validation: when `fit` ended with one, it is not run again."""
 
@@ -299,6 +309,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         NonFiniteLossGuard(int(faults.get("max_consecutive_nonfinite", 5))),
         start_step,
         last_validation,
+        _EMABeforeCheckpoint(),
         PreemptionCheckpoint(cfg.trainer.get("log_every_n_steps") or 50),  # SLURM's USR1: save, requeue, stop
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1,
