@@ -100,7 +100,8 @@ train() {  # name cap runs_dir overrides...
   local name=$1 cap=$2 runs=$3
   shift 3
   check "$name" "$cap" "$PY" train.py logger=csv trainer.accelerator="$ACCEL" trainer.devices=1 \
-    trainer.enable_progress_bar=false trainer.log_every_n_steps=5 checkpoint.every_n_train_steps="$STEPS" \
+    trainer.enable_progress_bar=false trainer.log_every_n_steps=$((STEPS < 5 ? STEPS : 5)) \
+    checkpoint.every_n_train_steps="$STEPS" \
     data.train_shards="$WORK/data/train" data.val_shards="$WORK/data/val" paths.runs="$runs" \
     paths.exports="$WORK/exp" "hydra.run.dir=$runs/\${stage.name}/$name" "$@"
 }
