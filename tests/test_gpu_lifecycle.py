@@ -362,3 +362,36 @@ def test_a_periodic_checkpoint_holds_that_steps_ema(tmp_path, tiny_shapes, monke
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step0000002.ckpt", weights_only=True)
     assert saved["global_step"] == 2
     assert int(saved["state_dict"]["ema.num_updates"]) == 2  # not 1 (saved before the update), not 3 (twice)
+
+
+@pytest.mark.parametrize("stage", ["vae", "ldm"])
+def test_gradient_clipping_under_bf16_mixed_with_fused_adamw(stage, tmp_path, tiny_shapes, monkeypatch, one_thread):
+    """The shapes and fine-tune recipes clip (trainer.gradient_clip_val); users train in bf16-mixed; AdamW is fused.
+    Lightning's AMP plugin refuses to clip for a fused optimizer: the step must clip instead, to the bound."""
+    from ldm.train.cli import train
+    from ldm.train.optim import clip_gradients as real_clip
+    from tests.test_prefetch import compose_train
+
+    norms: list[float] = []
+
+    def recording(module, optimizer, clip_val, algorithm="norm"):
+        assert optimizer.defaults.get("fused"), "the test needs a fused AdamW"
+        real_clip(module, optimizer, clip_val, algorithm)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    target = "ldm.diffusion.module" if stage == "ldm" else "ldm.autoencoder.module"
+    monkeypatch.setattr(f"{target}.clip_gradients", recording, raising=False)  # absent before the fix
+    monkeypatch.setenv("LDM_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    model = (["model/autoencoder=identity", "model.unet.model_channels=32", "model.unet.num_head_channels=16",
+              "model.text_encoder.width=32", "stage.module.metrics.num_samples=0", "paths.exports=nowhere"]
+             if stage == "ldm" else ["model.autoencoder.ch=16", f"paths.exports={tmp_path}/exports",
+                                     "stage.module.loss.perceptual_weight=0"])
+    cfg = compose_train(f"stage={stage}", *model, "logger=csv", "trainer.accelerator=cpu", "trainer.devices=1",
+                        "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+                        "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1e-3", "data.resolution=16",
+                        "data.batch_size=4", "data.num_workers=0", f"data.train_shards={tiny_shapes}/train",
+                        f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs")
+    train(cfg)
+    assert norms and all(n <= 1e-3 * 1.01 for n in norms), norms

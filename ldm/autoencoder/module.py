@@ -20,7 +20,7 @@ from ldm.autoencoder.model import AutoencoderKL
 from ldm.metrics.reconstruction import ReconstructionMetrics
 from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
-from ldm.train.optim import adamw_with_warmup
+from ldm.train.optim import adamw_with_warmup, clip_gradients
 from ldm.train.rng import step_generators
 
 # Frozen networks rebuilt from their own weights (LPIPS's VGG, FID's Inception): kept out of checkpoints.
@@ -152,7 +152,7 @@ class AutoencoderModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs after AMP unscaling, so the clip threshold is in true gradient units.
         if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            clip_gradients(self, optimizer, self.hparams.grad_clip)  # fused AdamW under bf16-mixed too
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

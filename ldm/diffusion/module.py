@@ -22,7 +22,7 @@ from ldm.diffusion.weighting import min_snr_weight
 from ldm.metrics.generation import GenerationMetrics
 from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
-from ldm.train.optim import adamw_with_warmup, check_decay_fraction
+from ldm.train.optim import adamw_with_warmup, check_decay_fraction, clip_gradients
 from ldm.train.rng import step_generators
 
 # A frozen published text tower is left out of checkpoints (see on_save_checkpoint); its fingerprint stays.
@@ -245,8 +245,17 @@ class LatentDiffusionModule(pl.LightningModule):
                   else [{"params": unet + text}])
         hp = self.hparams
         start, end = self._lr_decay_window()
-        return adamw_with_warmup(groups, hp.lr, hp.warmup_steps, weight_decay=hp.weight_decay,
+        # GradScaler (16-mixed) cannot unscale for fused AdamW, and clipping needs unscaled gradients.
+        trainer = self._trainer
+        fused = False if (trainer is not None and trainer.gradient_clip_val
+                          and str(trainer.precision).startswith("16")) else None
+        return adamw_with_warmup(groups, hp.lr, hp.warmup_steps, weight_decay=hp.weight_decay, fused=fused,
                                  decay_start=start, decay_end=end, min_lr_factor=hp.get("min_lr_factor", 0.0))
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if gradient_clip_val:  # trainer.gradient_clip_val; fused AdamW under bf16-mixed too (ldm.train.optim)
+            clip_gradients(self, optimizer, float(gradient_clip_val), gradient_clip_algorithm or "norm")
 
     def _lr_decay_window(self) -> tuple[int | None, int | None]:
         """The steps over which the lr decays: the last lr_decay_fraction of lr_decay_end (default max_steps)."""

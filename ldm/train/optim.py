@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -72,3 +73,25 @@ def check_decay_fraction(fraction: float, end: int | None, min_lr_factor: float)
 def _check_min_lr_factor(min_lr_factor: float) -> None:
     if not 0.0 <= float(min_lr_factor) <= 1.0:
         raise ValueError(f"min_lr_factor must be in [0, 1], got {min_lr_factor}")
+
+
+def clip_gradients(module: Any, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str = "norm") -> None:
+    """Clip as Lightning would, also for a fused AdamW under bf16-mixed.
+
+    Lightning's AMP plugin refuses to clip for any fused optimizer, since with a GradScaler the optimizer would
+    unscale inside its step. bf16-mixed has no scaler: the gradients are already the true ones, so torch clips
+    them here (on the device, no host read). Under 16-mixed the scaler is real and the caller keeps AdamW
+    unfused (`fused=False` in adamw_with_warmup); other plugins (32-bit, FSDP's) go through Lightning.
+    """
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    plugin = module.trainer.precision_plugin
+    fused = bool(optimizer.defaults.get("fused"))
+    if isinstance(plugin, MixedPrecision) and getattr(plugin, "scaler", None) is None and fused:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if str(algorithm) in ("value", "GradClipAlgorithmType.VALUE"):
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
