@@ -203,3 +203,10 @@ def test_every_torch_load_in_the_product_is_weights_only() -> None:
             if not (isinstance(flag, ast.Constant) and flag.value is True):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert len(files) > 50 and not offenders, offenders
+
+
+def test_stage_vae_under_fsdp_is_one_error_line(tmp_path: Path, monkeypatch, capfd) -> None:
+    """trainer=fsdp shards stage 2's UNet only: stage=vae under it stops at start-up, not at FSDP's setup."""
+    proc = _train_in_process(monkeypatch, capfd, tmp_path, "stage=vae", "trainer=fsdp", "trainer.accelerator=cpu",
+                             "trainer.devices=2", "model.autoencoder.ch=16", "data.resolution=16")
+    _assert_one_error_line(proc, "trainer=fsdp", "trainer=ddp")

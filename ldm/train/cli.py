@@ -132,6 +132,9 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
     if cfg.stage.name == "vae":
         if pixel_space:
             raise ConfigError("model/autoencoder=identity has nothing to train: run stage=ldm with it directly")
+        if cfg.trainer.get("strategy") == "fsdp":  # before a device is held, not at FSDP's setup
+            raise ConfigError("trainer=fsdp shards stage=ldm's UNet; stage=vae trains on every rank whole: "
+                              "use trainer=ddp")
         check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
         extra = {"score_shapes": cfg.data.get("name") == "shapes"}
         if cfg.trainer.get("gradient_clip_val") and not cfg.stage.module.get("grad_clip"):
