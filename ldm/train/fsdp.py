@@ -42,6 +42,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
+from ldm.checkpoints.files import load_torch_file
 from ldm.diffusion.unet import TimestepEmbedSequential, UNetModel
 
 # The UNet's blocks: each input, middle and output block (a ResBlock with its SpatialTransformer, or a
@@ -162,7 +163,7 @@ class ShardedUNetStrategy(FSDPStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_file():
             return super().load_checkpoint(checkpoint_path, weights_only)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_file(path, mmap=False)  # data only: a checkpoint never runs code
         state = checkpoint["state_dict"]
         module = self.lightning_module
         whole = tuple(f"{name}." for name, child in module.named_children()
