@@ -224,3 +224,19 @@ def test_train_py_uses_stored_embeddings_and_stops_for_another_layer(stored):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith("error: model.text_encoder.layer='penultimate'") and "Traceback" not in proc.stderr
+
+
+def test_dropped_captions_get_the_stored_empty_prompt():
+    module = tiny_ldm(16, text_encoder=TOWER, cond_drop_prob=0.5)
+    seen = []
+    module.unet.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    empty = torch.randn(16, 32).half()  # not the tower's: shows that the stored one is used
+    module.use_stored_text(empty)
+    context = torch.randn(8, 16, 32)
+    posterior = module.posterior({"moments": torch.zeros(8, 8, 8, 8)})
+    module.diffusion_loss(posterior, [f"c{i}" for i in range(8)], step=3, context=context)
+    drop = torch.rand(8, generator=module.step_generators(3)[0]) < 0.5  # the step's own dropout draw
+    assert 0 < int(drop.sum()) < 8
+    used = seen[0]
+    assert torch.equal(used[drop], empty.float().expand(int(drop.sum()), -1, -1))
+    assert torch.equal(used[~drop], context[~drop])

@@ -182,12 +182,13 @@ class ShardDataModule(pl.LightningDataModule):
             sources.append(expand_shards(self.val_shards))
         infos = [check_latents(source, self.autoencoder) for source in sources]
         stored = [has_text_embeddings(info) for info in infos]
-        if self.text_embeddings is None:
-            self.text_embeddings = bool(infos) and all(stored)
+        if self.text_embeddings is None:  # null: as the (first) training shards say
+            self.text_embeddings = bool(stored) and stored[0]
         if self.text_embeddings:
             if not all(stored):
-                raise ValueError("data.text_embeddings=true, but some of the latent shards hold no text embeddings "
-                                 "(encode them with python -m ldm.data.latents --text-encoder)")
+                raise ValueError("data.text_embeddings: some of the latent shards (train or val) hold no text "
+                                 "embeddings; encode them all with python -m ldm.data.latents --text-encoder, or "
+                                 "set data.text_embeddings=false")
             towers = {info["text_encoder_sha256"] for info in infos}
             if len(towers) > 1:
                 raise ValueError("data.text_embeddings: the train and val latent shards hold embeddings of different "
