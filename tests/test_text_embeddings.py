@@ -240,3 +240,15 @@ def test_dropped_captions_get_the_stored_empty_prompt():
     used = seen[0]
     assert torch.equal(used[drop], empty.float().expand(int(drop.sum()), -1, -1))
     assert torch.equal(used[~drop], context[~drop])
+
+
+def test_training_step_encodes_the_picked_caption_of_each_sample():
+    module = tiny_ldm(16, text_encoder=TOWER, cond_drop_prob=0.0)
+    module.log = lambda *a, **k: None
+    encoded = []
+    module.text_encoder.register_forward_pre_hook(lambda m, args: encoded.append(list(args[0])))
+    lists = [[f"s{i} caption {j}" for j in range(3)] for i in range(8)]
+    batch = {"moments": torch.zeros(8, 8, 8, 8), "caption": [c[0] for c in lists], "captions": lists}
+    module.training_step(batch, 0)
+    index = pick_indices([3] * 8, module.hparams.seed, 0, 0)
+    assert encoded == [[c[i] for c, i in zip(lists, index, strict=True)]] and set(index) != {0}
