@@ -62,6 +62,7 @@ SUBSTITUTIONS = [
     ("runs/ldm/2026-01-02_10-00-00", "<last_ldm_run>"),
     ("data.resolution=256", "data.resolution=32"),  # 32: room for an f8 autoencoder and the UNet's levels
     ("--shard-size 10000", "--shard-size 8"),
+    ("--resolution 256 --text-encoder tiny", "--resolution 32 --text-encoder tiny width=32"),  # as TINY's tower
     ("device=cuda", "device=cpu"),  # the GPU flag: the CPU runs the same path
     ("height=48 width=64", "height=32 width=64"),  # the README's earlier kl_f8 run left an f8 x 4 = 32 model
 ]

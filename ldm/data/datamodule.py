@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.callbacks import DataStatsCallback
+from ldm.data.captions import caption_keys
 from ldm.data.decode import DecodeOptions
-from ldm.data.latents import check_latents
+from ldm.data.latents import check_latents, latents_folder
 from ldm.data.pipeline import (
     MODES,
     ShardSpec,
@@ -24,6 +25,7 @@ from ldm.data.pipeline import (
     expand_sources,
     shard_counts,
 )
+from ldm.data.text_embeddings import has_text_embeddings, load_empty_context
 from ldm.train.signals import ignore_job_signals
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class ShardDataModule(pl.LightningDataModule):
         epoch_length: int | None = None,
         epoch_samples: int | None = None,
         seed: int = 0,
-        caption_key: str = "txt",
+        caption_key: str | Sequence[str] = "txt",
         mode: str = "resampled",
         index_file: str | None = None,
         crop: str = "center",
@@ -77,6 +79,8 @@ class ShardDataModule(pl.LightningDataModule):
         retries: int = 2,
         latents: bool = False,
         autoencoder: str | None = None,
+        caption_json_key: str | None = None,
+        text_embeddings: bool | None = None,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -102,6 +106,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.latents = latents
         self._latents_checked = False
         self.autoencoder = autoencoder
+        self.caption_json_key = caption_json_key
+        self.text_embeddings = text_embeddings  # None: read them when the latent shards have them
+        self.text_embeddings_info: dict[str, Any] | None = None  # latents.json of the train shards, when read
+        self.empty_context: torch.Tensor | None = None  # their stored empty-prompt embedding (T x D float16)
         self._resume_state: dict[str, Any] | None = None
         self.train_set: TrainStream | None = None
         self.val_set: ValStream | None = None
@@ -128,8 +136,15 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers!r}")
         if self.prefetch_factor is not None and (not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1):
             raise ValueError(f"data.prefetch_factor must be null or an integer >= 1, got {self.prefetch_factor!r}")
-        if not self.caption_key:
-            raise ValueError("data.caption_key must name a tar member extension, e.g. 'txt'")
+        caption_keys(self.caption_key)
+        if self.caption_json_key is not None and not (isinstance(self.caption_json_key, str) and self.caption_json_key):
+            raise ValueError(f"data.caption_json_key must be null or a key of the samples' .json, "
+                             f"got {self.caption_json_key!r}")
+        if self.text_embeddings not in (None, True, False):
+            raise ValueError(f"data.text_embeddings must be null, true or false, got {self.text_embeddings!r}")
+        if self.text_embeddings and not self.latents:
+            raise ValueError("data.text_embeddings=true needs data.latents=true (data=latents): text embeddings "
+                             "are stored with the latents by python -m ldm.data.latents --text-encoder")
         if self.mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "finite" and (self.epoch_length is not None or self.epoch_samples is not None):
@@ -156,13 +171,30 @@ class ShardDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{key}={spec!r}: {err}") from None
 
     def check_latent_shards(self) -> None:
-        """Latent shards must come from this run's autoencoder (by hash); checked once, at start-up if asked."""
+        """Latent shards must come from this run's autoencoder (by hash); checked once, at start-up if asked.
+
+        Also settles data.text_embeddings (null: true when the shards hold them); every source must then hold
+        embeddings of one and the same text tower."""
         if self._latents_checked:
             return
-        for source, _ in expand_sources(self.train_shards) if self.train_shards is not None else []:
-            check_latents(source, self.autoencoder)
+        sources = [source for source, _ in (expand_sources(self.train_shards) if self.train_shards is not None else [])]
         if self.val_shards is not None:
-            check_latents(expand_shards(self.val_shards), self.autoencoder)
+            sources.append(expand_shards(self.val_shards))
+        infos = [check_latents(source, self.autoencoder) for source in sources]
+        stored = [has_text_embeddings(info) for info in infos]
+        if self.text_embeddings is None:  # null: as the (first) training shards say
+            self.text_embeddings = bool(stored) and stored[0]
+        if self.text_embeddings:
+            if not all(stored):
+                raise ValueError("data.text_embeddings: some of the latent shards (train or val) hold no text "
+                                 "embeddings; encode them all with python -m ldm.data.latents --text-encoder, or "
+                                 "set data.text_embeddings=false")
+            towers = {info["text_encoder_sha256"] for info in infos}
+            if len(towers) > 1:
+                raise ValueError("data.text_embeddings: the train and val latent shards hold embeddings of different "
+                                 "text towers; re-encode them with one")
+            self.text_embeddings_info = infos[0]
+            self.empty_context = load_empty_context(latents_folder(sources[0]))
         self._latents_checked = True
 
     def setup(self, stage: str | None = None) -> None:
@@ -217,6 +249,8 @@ class ShardDataModule(pl.LightningDataModule):
                 latents=self.latents,
                 sources=[len(source) for source, _ in sources],
                 weights=[weight for _, weight in sources],
+                caption_json_key=self.caption_json_key,
+                text_embeddings=bool(self.text_embeddings),
             )
             self._add_stats_callback()
         if stage in (None, "fit", "validate") and self.val_shards is not None:
@@ -234,6 +268,8 @@ class ShardDataModule(pl.LightningDataModule):
                 min_size=self.min_size,
                 retries=self.retries,
                 latents=self.latents,
+                caption_json_key=self.caption_json_key,
+                text_embeddings=bool(self.text_embeddings),
             )
 
     def _loader(self, dataset: Any) -> DataLoader:

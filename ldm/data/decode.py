@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data.captions import caption_keys, read_captions
 from ldm.data.shards import IMAGE_EXTENSIONS, Sample
+from ldm.data.text_embeddings import CONTEXT_EXT, load_array
 
 MOMENTS_EXT = "moments.npy"  # precomputed latents (ldm.data.latents): posterior mean and log-variance
 
@@ -37,14 +39,20 @@ class DecodeOptions:
     """How a sample becomes a training example; one object per stream, picklable into workers."""
 
     resolution: int
-    caption_key: str = "txt"
+    caption_key: str | tuple[str, ...] = "txt"  # one member extension, or several (each a caption)
     crop: str = "center"  # center | random
     flip_p: float = 0.0  # probability of a horizontal flip
     background: tuple[int, int, int] = (255, 255, 255)  # behind transparent pixels
     min_size: int = 0  # shorter side of the original image, in pixels; smaller samples are filtered
     latents: bool = False  # read precomputed moments (`{key}.moments.npy`) instead of an image
+    caption_json_key: str | None = None  # also read captions from this key of the sample's .json (a list)
+    text_embeddings: bool = False  # with latents: read the stored context (`{key}.context.npy`) too
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "caption_key", caption_keys(self.caption_key))
+        if self.text_embeddings and not self.latents:
+            raise ValueError("data.text_embeddings=true needs data.latents=true (shards from python -m "
+                             "ldm.data.latents --text-encoder)")
         if self.crop not in ("center", "random"):
             raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
         if not 0.0 <= self.flip_p <= 1.0:
@@ -54,12 +62,19 @@ class DecodeOptions:
 
     def keeps(self) -> Callable[[str], bool]:
         """The member filter: which extensions are read out of a shard at all."""
-        wanted = {*IMAGE_EXTENSIONS, self.caption_key.lower()}
+        wanted = {*IMAGE_EXTENSIONS, *self.caption_key}
         if self.latents:
             wanted.add(MOMENTS_EXT)
-        if self.min_size > 0:
+        if self.text_embeddings:
+            wanted.add(CONTEXT_EXT)
+        if self.min_size > 0 or self.caption_json_key:
             wanted.add("json")
         return frozenset(wanted).__contains__
+
+    @property
+    def several_captions(self) -> bool:
+        """Samples may carry more than one caption: batches then hold them all under "captions"."""
+        return len(self.caption_key) > 1 or bool(self.caption_json_key)
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
@@ -147,7 +162,7 @@ def decode_sample(
     if options.latents:
         if MOMENTS_EXT not in fields:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {MOMENTS_EXT}")
-        return {"moments": load_moments(fields[MOMENTS_EXT]), "caption": _caption(fields, options, stats),
+        return {"moments": load_moments(fields[MOMENTS_EXT]), **_caption(fields, options, stats),
                 "key": sample.get("__key__", "")}
     data = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
     if data is None:
@@ -156,17 +171,21 @@ def decode_sample(
     if size is not None and min(size) < options.min_size:
         raise Filtered(f"original size {size} smaller than min_size {options.min_size}")
     image = load_image(data, options, rng, check_size=size is None)  # img2dataset may have resized it
-    return {"image": image, "caption": _caption(fields, options, stats), "key": sample.get("__key__", "")}
+    return {"image": image, **_caption(fields, options, stats), "key": sample.get("__key__", "")}
 
 
-def _caption(fields: dict[str, Any], options: DecodeOptions, stats: dict[str, int]) -> str:
-    raw = fields.get(options.caption_key.lower())
-    if raw is None:
-        stats["no_caption"] += 1
-        return ""
-    try:
-        caption = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats["bad_caption"] += 1
-        caption = raw.decode("utf-8", errors="replace")
-    return caption.strip()
+def _caption(fields: dict[str, Any], options: DecodeOptions, stats: dict[str, int]) -> dict[str, Any]:
+    """{"caption": the first} and, as configured, {"captions": all} and {"context": N x T x D float16}."""
+    captions = read_captions(fields, options.caption_key, options.caption_json_key, stats)
+    out: dict[str, Any] = {"caption": captions[0]}
+    if options.several_captions:
+        out["captions"] = captions
+    if options.text_embeddings:
+        if CONTEXT_EXT not in fields:
+            raise ValueError(f"sample {fields.get('__key__')} has no {CONTEXT_EXT} (stored text embeddings)")
+        context = load_array(fields[CONTEXT_EXT])
+        if context.ndim != 3 or (options.several_captions and context.shape[0] != len(captions)):
+            raise ValueError(f"sample {fields.get('__key__')}: {CONTEXT_EXT} of shape {tuple(context.shape)} "
+                             f"does not hold one T x D context per caption ({len(captions)})")
+        out["context"] = context
+    return out

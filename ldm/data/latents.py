@@ -11,9 +11,10 @@ encoding does. The `.npy` bytes are written and read by numpy with
 output folder names the autoencoder by a SHA-256 over its weights;
 `check_latents` refuses shards made by another one.
 
-The data side is complete (ShardDataModule(latents=True) yields
-{"moments": Bx2Cxhxw, "caption", "key"}); stage=ldm still encodes images itself
-until its module learns to sample z from batch["moments"].
+ShardDataModule(latents=True) yields {"moments": Bx2Cxhxw, "caption", "key"}, and
+stage=ldm samples z from batch["moments"]. With `--text-encoder CONFIG [KEY=VALUE ...]`
+each caption's frozen text-tower output is stored as well (ldm.data.text_embeddings),
+and stage=ldm then runs neither encoder in its training step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from ldm.data.decode import MOMENTS_EXT
 from ldm.data.pipeline import ValStream
 from ldm.data.shards import ShardSpec, expand_shards, is_local
+from ldm.data.text_embeddings import CONTEXT_EXT, TextEmbedder, array_bytes, load_tower_config
 
 INFO_NAME = "latents.json"
 
@@ -72,8 +74,15 @@ def encode_shards(
     shard_size: int = 10000,
     device: str = "cpu",
     progress: bool = True,
+    text_encoder: dict[str, Any] | None = None,
+    caption_key: str | list[str] = "txt",
+    caption_json_key: str | None = None,
 ) -> dict[str, Any]:
-    """Encode every sample of `shards` (centre crop at `resolution`) into latent shards under `out`."""
+    """Encode every sample of `shards` (centre crop at `resolution`) into latent shards under `out`.
+
+    With `text_encoder` (a model.text_encoder config) every caption's frozen-tower output is stored too
+    (ldm.data.text_embeddings). Several captions per sample (a list of caption keys, or caption_json_key) are
+    all kept: the first as {key}.txt, all in {key}.json under "captions"."""
     from ldm.autoencoder.model import AutoencoderKL
 
     model = AutoencoderKL.from_pretrained(autoencoder).to(device).eval()
@@ -83,7 +92,14 @@ def encode_shards(
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise FileExistsError(f"{out} already holds shards; choose an empty directory")
-    stream = ValStream(expand_shards(shards), resolution=resolution, batch_size=batch_size)
+    embedder = TextEmbedder(text_encoder, device=device, batch_size=batch_size) if text_encoder else None
+    if embedder is not None:
+        info.update(embedder.info())
+        embedder.write_empty(out)
+    stream = ValStream(expand_shards(shards), resolution=resolution, batch_size=batch_size,
+                       caption_key=caption_key, caption_json_key=caption_json_key)
+    if stream.options.several_captions:
+        info["caption_json_key"] = "captions"
     bar = tqdm(unit="img", desc="encoding", disable=not progress)
     shard_index, in_shard, total, tar = 0, 0, 0, None
 
@@ -94,13 +110,20 @@ def encode_shards(
 
     for batch in stream:
         moments = model.quant_conv(model.encoder(batch["image"].to(device))).half().cpu().numpy()
-        for key, caption, sample in zip(batch["key"], batch["caption"], moments, strict=True):
+        captions = batch.get("captions") or [[c] for c in batch["caption"]]
+        contexts = embedder.per_sample(captions) if embedder is not None else [None] * len(captions)
+        for key, caption, sample, several, context in zip(batch["key"], batch["caption"], moments, captions,
+                                                          contexts, strict=True):
             if tar is None or in_shard == shard_size:
                 close()
                 shard_index, in_shard = (shard_index + 1 if tar is not None else 0), 0
                 tar = tarfile.open(out / f"{shard_index:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
             _member(tar, f"{key}.{MOMENTS_EXT}", moments_to_bytes(sample))
             _member(tar, f"{key}.txt", caption.encode("utf-8"))
+            if "captions" in batch:
+                _member(tar, f"{key}.json", json.dumps({"captions": several}).encode("utf-8"))
+            if context is not None:
+                _member(tar, f"{key}.{CONTEXT_EXT}", array_bytes(context))
             in_shard += 1
             total += 1
         bar.update(len(batch["key"]))
@@ -112,11 +135,16 @@ def encode_shards(
     return info
 
 
-def latents_info(urls: list[str]) -> dict[str, Any]:
-    """latents.json of local latent shards (beside the first shard)."""
+def latents_folder(urls: list[str]) -> Path:
+    """The folder of local latent shards (the first shard's), where latents.json lies."""
     if not urls or not is_local(urls[0]):
         raise ValueError("latent shards must be local to check which autoencoder made them")
-    path = Path(urls[0].removeprefix("file:")).resolve().parent / INFO_NAME
+    return Path(urls[0].removeprefix("file:")).resolve().parent
+
+
+def latents_info(urls: list[str]) -> dict[str, Any]:
+    """latents.json of local latent shards (beside the first shard)."""
+    path = latents_folder(urls) / INFO_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: these are not latent shards written by ldm.data.latents")
     return json.loads(path.read_text())
@@ -148,11 +176,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=10000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--text-encoder", nargs="+", metavar=("CONFIG", "KEY=VALUE"),
+                        help="also store the frozen text tower's output per caption: the training run's "
+                             "model.text_encoder, as a name in conf/model/text_encoder (tiny, openclip_vit_h14) or a "
+                             "YAML file, then key=value overrides (e.g. tiny width=32)")
+    parser.add_argument("--caption-key", nargs="+", default=["txt"],
+                        help="tar member extension(s) holding captions; several: each one a caption")
+    parser.add_argument("--caption-json-key", default=None,
+                        help="also read captions from this key of each sample's .json (a list of strings)")
     args = parser.parse_args(argv)
+    tower = load_tower_config(args.text_encoder[0], args.text_encoder[1:]) if args.text_encoder else None
+    caption_key = args.caption_key[0] if len(args.caption_key) == 1 else args.caption_key
     info = encode_shards(args.autoencoder, args.shards, args.out, resolution=args.resolution,
-                         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device)
+                         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                         text_encoder=tower, caption_key=caption_key, caption_json_key=args.caption_json_key)
+    text = (f", text tower sha256 {info['text_encoder_sha256'][:12]}..." if tower else "")
     print(f"wrote {info['num_samples']} latents {info['latent_shape']} to {args.out} "
-          f"(autoencoder sha256 {info['autoencoder_sha256'][:12]}...)")
+          f"(autoencoder sha256 {info['autoencoder_sha256'][:12]}...{text})")
     return info
 
 

@@ -45,6 +45,7 @@ from ldm.data.shards import (  # noqa: F401 (re-exported: the data module and te
     read_samples,
     shard_counts,
 )
+from ldm.data.text_embeddings import collate_context
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +144,28 @@ class Counters(dict):
 def collate(samples: list[dict[str, Any]], stats: dict[str, int] | None = None) -> dict[str, Any]:
     """Decoded samples -> {"image": Bx3xRxR, "caption": [str], "key": [str], "data_stats": {name: int}}.
 
-    Latent shards give "moments" (Bx2Cxhxw) in place of "image".
+    Latent shards give "moments" (Bx2Cxhxw) in place of "image". Any other key is kept: "context" (stored text
+    embeddings, see ldm.data.text_embeddings.collate_context), tensors of one shape stacked, the rest as lists
+    (e.g. "captions", each sample's list of captions).
     """
     field = "image" if "image" in samples[0] else "moments"
-    return {
+    batch = {
         field: torch.stack([s[field] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "data_stats": stats if stats is not None else {key: 0 for key in STAT_KEYS},
     }
+    for name in samples[0]:
+        if name in batch:
+            continue
+        values = [s[name] for s in samples]
+        if name == "context":
+            batch.update(collate_context(values))
+        elif all(isinstance(v, torch.Tensor) and v.shape == values[0].shape for v in values):
+            batch[name] = torch.stack(values)
+        else:
+            batch[name] = values
+    return batch
 
 
 def shuffled(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
@@ -279,7 +293,7 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         seed: int = 0,
-        caption_key: str = "txt",
+        caption_key: str | Sequence[str] = "txt",
         crop: str = "center",
         flip_p: float = 0.0,
         background: Sequence[int] = (255, 255, 255),
@@ -288,6 +302,8 @@ class TrainStream(IterableDataset):
         latents: bool = False,
         sources: Sequence[int] | None = None,
         weights: Sequence[float] | None = None,
+        caption_json_key: str | None = None,
+        text_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -304,7 +320,8 @@ class TrainStream(IterableDataset):
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key, crop=crop,
                                      flip_p=flip_p, background=tuple(background), min_size=min_size,
-                                     latents=latents)
+                                     latents=latents, caption_json_key=caption_json_key,
+                                     text_embeddings=text_embeddings)
         # resampled mode may mix sources: the first sources[0] URLs are source 0, and so on
         self.sources = list(sources) if sources is not None else [len(self.urls)]
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(self.sources)
@@ -439,11 +456,13 @@ class ValStream(IterableDataset):
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
-        caption_key: str = "txt",
+        caption_key: str | Sequence[str] = "txt",
         background: Sequence[int] = (255, 255, 255),
         min_size: int = 0,
         retries: int = 2,
         latents: bool = False,
+        caption_json_key: str | None = None,
+        text_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -454,7 +473,8 @@ class ValStream(IterableDataset):
         self.world_size = world_size
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key,
-                                     background=tuple(background), min_size=min_size, latents=latents)
+                                     background=tuple(background), min_size=min_size, latents=latents,
+                                     caption_json_key=caption_json_key, text_embeddings=text_embeddings)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = consumer(self.rank, self.world_size)

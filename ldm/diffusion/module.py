@@ -13,6 +13,7 @@ from ldm.autoencoder.distribution import DiagonalGaussian
 from ldm.autoencoder.identity import build_autoencoder
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.conditioning import build_conditioner, rebuilt_from_name
+from ldm.data.captions import pick_captions
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objectives import check_prediction_type, training_target
 from ldm.diffusion.samplers import check_guidance_interval, check_sampler, classifier_free_guidance, sample
@@ -87,8 +88,19 @@ class LatentDiffusionModule(pl.LightningModule):
         self.val_metrics = GenerationMetrics(**metrics) if self.num_metric_samples > 0 else None
         self._metric_images: list[torch.Tensor] = []
         self._metric_prompts: list[str] = []
+        # Stored text embeddings (data.text_embeddings): the shards' empty prompt, set by use_stored_text.
+        self.register_buffer("stored_empty_context", None, persistent=False)
 
     # ------------------------------------------------------------------ helpers
+    def use_stored_text(self, empty_context: torch.Tensor) -> None:
+        """Train from batch["context"] (embeddings stored with the latents): the tower never runs in a training
+        or validation step; caption dropout and the unconditional branch use the stored empty prompt. The tower
+        is still built: validation sampling, FID/CLIP metrics, exports and sample.py encode new prompts."""
+        if self.conditioner_trains:
+            raise ValueError("stored text embeddings need a frozen text tower (model.text_encoder.freeze=true)")
+        # A buffer (it moves with the module), not persistent: checkpoints are those of a run that encodes text.
+        self.stored_empty_context = empty_context.float().to(self.device)
+
     def compile_targets(self) -> dict[str, torch.nn.Module]:
         """What perf.compile compiles: the trained UNet. The EMA copy samples at validation only, and the frozen
         autoencoder and text encoder run once per batch, so they stay eager."""
@@ -165,21 +177,34 @@ class LatentDiffusionModule(pl.LightningModule):
         self._ensure_scale_factor(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss, per_sample = self.diffusion_loss(self.posterior(batch), list(batch["caption"]), self.global_step)
+        captions, context = pick_captions(batch, self.hparams.seed, self.global_step, self.global_rank)
+        loss, per_sample = self.diffusion_loss(self.posterior(batch), captions, self.global_step, context)
         skip_nonfinite(self, loss)  # non-finite on any rank: every rank drops this step's update (ldm.train.faults)
         self.log("train/loss", loss, batch_size=per_sample.shape[0])  # shown by ldm.train.progress, not prog_bar
         self.log("train/mse", per_sample.mean().detach(), batch_size=per_sample.shape[0])
         return loss
 
-    def diffusion_loss(self, posterior: DiagonalGaussian, captions: list[str], step: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stored_empty(self) -> torch.Tensor:
+        if self.stored_empty_context is None:
+            raise RuntimeError("the batch holds stored text embeddings but the module has no stored empty prompt: "
+                               "call use_stored_text(datamodule.empty_context) before fit (ldm.train does)")
+        return self.stored_empty_context
+
+    def diffusion_loss(self, posterior: DiagonalGaussian, captions: list[str], step: int,
+                       context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted training loss of one batch and its per-sample error; every random draw (caption
-        dropout, posterior sample, timesteps, noise) comes from the generators of `step`."""
+        dropout, posterior sample, timesteps, noise) comes from the generators of `step`.
+
+        `context`: the captions' stored embeddings (B x T x D); then the text tower does not run."""
         cpu_gen, gen = self.step_generators(step)
         drop = torch.rand(len(captions), generator=cpu_gen) < self.hparams.cond_drop_prob
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         z0 = posterior.sample(gen) * self.scale_factor
-        context = self.encode_text(captions)
+        if context is None:
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+            context = self.encode_text(captions)
+        else:  # the dropped rows become the stored empty prompt
+            empty = self._stored_empty().to(context.dtype)
+            context = torch.where(drop.to(context.device).view(-1, 1, 1), empty, context)
         t = self.schedule.sample_timesteps(z0.shape[0], z0.device, generator=gen)
         noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
         if self.hparams.offset_noise:  # a per-channel constant lets the model change overall brightness
@@ -189,7 +214,8 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.hparams.get("model_guidance") and context is not None:
             keep = (~drop).to(device=z0.device, dtype=torch.float32).view(-1, 1, 1, 1)
             with torch.no_grad():
-                uncond = self.encode_text([""]).expand(len(captions), -1, -1)
+                uncond = (self._stored_empty()[None] if self.stored_empty_context is not None
+                          else self.encode_text([""])).expand(len(captions), -1, -1)
             guide = (self.hparams.model_guidance * keep, uncond)
         per_sample, snr = self.denoising_error(self.unet, z0, noise, t, context, guide)
         loss = (min_snr_weight(snr, self.hparams.snr_gamma, self.hparams.prediction_type) * per_sample).mean()
@@ -346,7 +372,11 @@ class LatentDiffusionModule(pl.LightningModule):
                         real = batch["image"] if "image" in batch else self.autoencoder.decode(post.mode()).clamp(-1, 1)
                     self._metric_images.append(real[:room])
         z0 = post.mode() * self.scale_factor  # deterministic, like the noise and timesteps below
-        context = self.encode_text(captions, use_ema=True)
+        if "context" in batch:  # stored embeddings (a frozen tower: no EMA copy); a sample's first caption
+            context = batch["context"]
+            context = (context[:, 0] if context.ndim == 4 else context).float()
+        else:
+            context = self.encode_text(captions, use_ema=True)
         g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
         noise = torch.randn(z0.shape, generator=g).to(z0)
         t = self.schedule.sample_timesteps(z0.shape[0], torch.device("cpu"), generator=g).to(z0.device)

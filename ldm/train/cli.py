@@ -301,6 +301,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule.check_latent_shards()  # now, not inside fit: a wrong autoencoder is a bad setting
         except (ValueError, OSError) as err:
             raise ConfigError(f"data.train_shards / data.val_shards: {err}") from err
+        if cfg.stage.name == "ldm":
+            from ldm.data.text_embeddings import attach_stored_text
+
+            try:  # a text tower other than the one that made the stored embeddings: a bad setting too
+                if attach_stored_text(module, datamodule):
+                    print("[ldm] text: stored embeddings from the latent shards; the text tower does not run "
+                          "in the training step (it is kept for validation sampling and exports)")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
     logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
                          run_name=f"{cfg.stage.name}-{run_dir.name}", resume_from=resume)
     if logger is not None:
