@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from .conftest import run_script
+from .conftest import run_script, run_scripts_together
 
 TINY = [
     "logger=csv", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "data.resolution=16",
@@ -74,7 +74,9 @@ def test_vae_then_ldm_then_sample(workdir):
     # what was asked and used, not the model's.
     asked = ["prompt=a red circle on a blue background", "num_images=2", "steps=3", "seed=7", "guidance_scale=2.5",
              "guidance_interval=[0.2,0.9]", "sampler=euler", "paths.runs=runs"]
-    run_script("sample.py", *asked, f"out={out}", cwd=work)
+    out2 = work / "samples2"  # the same again in another process, side by side: same seed, same image
+    run_scripts_together(("sample.py", [*asked, f"out={out}"], work, True),
+                         ("sample.py", [*asked, f"out={out2}"], work, True))
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [x["seed"] for x in lines] == [7, 8]
     assert lines[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "negative_prompt": "",
@@ -86,6 +88,4 @@ def test_vae_then_ldm_then_sample(workdir):
     assert sum(scores["confusion"]["shape"]["circle"].values()) == 2  # both samples, read as whatever they show
 
     # Same seed, same image.
-    out2 = work / "samples2"
-    run_script("sample.py", *asked, f"out={out2}", cwd=work)
     assert (out / "00000.png").read_bytes() == (out2 / "00000.png").read_bytes()
