@@ -25,14 +25,19 @@ def workdir(tmp_path_factory, tiny_shapes):
     return work, TINY + data + ["paths.runs=runs", "paths.exports=exports"]
 
 
-def test_ldm_without_autoencoder_stops_at_start(workdir):
+@pytest.fixture(scope="module")
+def no_autoencoder_start(workdir):
+    """stage=ldm without an autoencoder, started in a thread (its own runs dir): it runs while the single-process
+    vae run below leaves the other CI core idle."""
+    from concurrent.futures import ThreadPoolExecutor
+
     work, common = workdir
-    proc = run_script("train.py", "stage=ldm", *common, "paths.exports=nowhere", cwd=work, check=False)
-    assert proc.returncode == 2
-    assert "needs a trained autoencoder" in proc.stderr and "python train.py stage=vae" in proc.stderr
-    assert not (work / "runs" / "ldm").exists() or not list((work / "runs" / "ldm").glob("*/checkpoints/*"))
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_script, "train.py", "stage=ldm", *common, "paths.exports=nowhere",
+                          "paths.runs=runs-nowhere", cwd=work, check=False)
 
 
+@pytest.mark.usefixtures("no_autoencoder_start")  # only to start it alongside; tested below
 def test_vae_then_ldm_then_sample(workdir):
     work, common = workdir
     run_script("train.py", "stage=vae", *common, "trainer.max_steps=3", "trainer.val_check_interval=3",
@@ -55,7 +60,7 @@ def test_vae_then_ldm_then_sample(workdir):
                       "perf.compile_backend=aot_eager",
                       cwd=work)
     assert "[ldm] perf: compile unet (aot_eager, default)" in proc.stdout
-    finished = list((work / "runs" / "ldm").glob("*/summary.json"))  # the failed start above left a dir too
+    finished = list((work / "runs" / "ldm").glob("*/summary.json"))
     assert len(finished) == 1
     ldm_run = finished[0].parent
     summary = json.loads(finished[0].read_text())
@@ -89,3 +94,12 @@ def test_vae_then_ldm_then_sample(workdir):
 
     # Same seed, same image.
     assert (out / "00000.png").read_bytes() == (out2 / "00000.png").read_bytes()
+
+
+def test_ldm_without_autoencoder_stops_at_start(workdir, no_autoencoder_start):
+    work, _ = workdir
+    proc = no_autoencoder_start.result()
+    assert proc.returncode == 2
+    assert "needs a trained autoencoder" in proc.stderr and "python train.py stage=vae" in proc.stderr
+    runs = work / "runs-nowhere" / "ldm"
+    assert not runs.exists() or not list(runs.glob("*/checkpoints/*"))

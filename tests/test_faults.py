@@ -129,7 +129,7 @@ def test_fused_optimizer_consecutive_nonfinite_still_stop(tmp_path, one_thread):
 
 
 def _ddp_main(out: str, scenario: str) -> None:
-    """Run in a fresh interpreter (see ddp_scenarios): 2 CPU ranks over gloo, started by spawn."""
+    """Run in a fresh interpreter (see _run_ddp): 2 CPU ranks over gloo, started by spawn."""
     from pytorch_lightning.strategies import DDPStrategy
 
     torch.set_num_threads(1)
@@ -147,35 +147,19 @@ def _ddp_main(out: str, scenario: str) -> None:
     trainer.fit(module)
 
 
-SCENARIOS = ["one_rank_nan", "one_rank_nan_fused"]
-
-
-@pytest.fixture(scope="module")
-def ddp_scenarios(tmp_path_factory):
-    """Both scenarios' interpreters started together (each then spawns its 2 ranks): an interpreter imports on one
-    core for its first ~10 s, so side by side they use both cores of a 2-core CI machine."""
+def _run_ddp(tmp_path, scenario: str, timeout: float) -> subprocess.CompletedProcess:
+    code = f"from tests.test_faults import _ddp_main; _ddp_main({str(tmp_path)!r}, {scenario!r})"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    started = {}
-    for scenario in SCENARIOS:
-        out = tmp_path_factory.mktemp(scenario)
-        code = f"from tests.test_faults import _ddp_main; _ddp_main({str(out)!r}, {scenario!r})"
-        with open(out / "stderr", "w") as err:
-            started[scenario] = (subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
-                                                  stdout=subprocess.DEVNULL, stderr=err), out)
-    yield started
-    for proc, _ in started.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_ddp_skip_is_collective(ddp_scenarios, scenario):
+@pytest.mark.parametrize("scenario", ["one_rank_nan", "one_rank_nan_fused"])
+def test_ddp_skip_is_collective(tmp_path, scenario):
     """Only rank 1 sees a NaN; both ranks skip that step (no hang) and keep identical weights."""
-    proc, out = ddp_scenarios[scenario]
-    proc.wait(timeout=240)
-    assert proc.returncode == 0, (out / "stderr").read_text()[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    proc = _run_ddp(tmp_path, scenario, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
     assert ranks[0]["weight"] == ranks[1]["weight"] and ranks[0]["finite"]
 
