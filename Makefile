@@ -43,7 +43,7 @@ train: data
 	$(BIN)/python sample.py shapes_prompts=64 out=samples/make-train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=60 tests
 
 # Only the SLURM tests (a one-node cluster on localhost, started and stopped by slurm/local_cluster.sh; root).
 test-slurm: $(STAMP)

@@ -22,6 +22,20 @@ def run_script(script: str, *overrides: str, cwd: Path, check: bool = True) -> s
     return proc
 
 
+def run_scripts_together(*calls: tuple[str, list[str], Path, bool]) -> list[subprocess.CompletedProcess]:
+    """run_script for independent (script, overrides, cwd, check) calls, all at once.
+
+    Each run spends its first ~10 s importing Lightning on one core; side by side, two runs use both cores of a
+    2-core CI machine instead of leaving one idle.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(run_script, script, *overrides, cwd=cwd, check=check)
+                   for script, overrides, cwd, check in calls]
+        return [f.result() for f in futures]
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     from ldm.data.shapes import write_shapes

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from .conftest import run_script
+from .conftest import run_script, run_scripts_together
 
 TINY = [
     "logger=csv", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "data.resolution=16",
@@ -25,14 +25,19 @@ def workdir(tmp_path_factory, tiny_shapes):
     return work, TINY + data + ["paths.runs=runs", "paths.exports=exports"]
 
 
-def test_ldm_without_autoencoder_stops_at_start(workdir):
+@pytest.fixture(scope="module")
+def no_autoencoder_start(workdir):
+    """stage=ldm without an autoencoder, started in a thread (its own runs dir): it runs while the single-process
+    vae run below leaves the other CI core idle."""
+    from concurrent.futures import ThreadPoolExecutor
+
     work, common = workdir
-    proc = run_script("train.py", "stage=ldm", *common, "paths.exports=nowhere", cwd=work, check=False)
-    assert proc.returncode == 2
-    assert "needs a trained autoencoder" in proc.stderr and "python train.py stage=vae" in proc.stderr
-    assert not (work / "runs" / "ldm").exists() or not list((work / "runs" / "ldm").glob("*/checkpoints/*"))
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_script, "train.py", "stage=ldm", *common, "paths.exports=nowhere",
+                          "paths.runs=runs-nowhere", cwd=work, check=False)
 
 
+@pytest.mark.usefixtures("no_autoencoder_start")  # only to start it alongside; tested below
 def test_vae_then_ldm_then_sample(workdir):
     work, common = workdir
     run_script("train.py", "stage=vae", *common, "trainer.max_steps=3", "trainer.val_check_interval=3",
@@ -55,7 +60,7 @@ def test_vae_then_ldm_then_sample(workdir):
                       "perf.compile_backend=aot_eager",
                       cwd=work)
     assert "[ldm] perf: compile unet (aot_eager, default)" in proc.stdout
-    finished = list((work / "runs" / "ldm").glob("*/summary.json"))  # the failed start above left a dir too
+    finished = list((work / "runs" / "ldm").glob("*/summary.json"))
     assert len(finished) == 1
     ldm_run = finished[0].parent
     summary = json.loads(finished[0].read_text())
@@ -74,7 +79,9 @@ def test_vae_then_ldm_then_sample(workdir):
     # what was asked and used, not the model's.
     asked = ["prompt=a red circle on a blue background", "num_images=2", "steps=3", "seed=7", "guidance_scale=2.5",
              "guidance_interval=[0.2,0.9]", "sampler=euler", "paths.runs=runs"]
-    run_script("sample.py", *asked, f"out={out}", cwd=work)
+    out2 = work / "samples2"  # the same again in another process, side by side: same seed, same image
+    run_scripts_together(("sample.py", [*asked, f"out={out}"], work, True),
+                         ("sample.py", [*asked, f"out={out2}"], work, True))
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [x["seed"] for x in lines] == [7, 8]
     assert lines[0] == {"file": "00000.png", "prompt": "a red circle on a blue background", "negative_prompt": "",
@@ -86,6 +93,13 @@ def test_vae_then_ldm_then_sample(workdir):
     assert sum(scores["confusion"]["shape"]["circle"].values()) == 2  # both samples, read as whatever they show
 
     # Same seed, same image.
-    out2 = work / "samples2"
-    run_script("sample.py", *asked, f"out={out2}", cwd=work)
     assert (out / "00000.png").read_bytes() == (out2 / "00000.png").read_bytes()
+
+
+def test_ldm_without_autoencoder_stops_at_start(workdir, no_autoencoder_start):
+    work, _ = workdir
+    proc = no_autoencoder_start.result()
+    assert proc.returncode == 2
+    assert "needs a trained autoencoder" in proc.stderr and "python train.py stage=vae" in proc.stderr
+    runs = work / "runs-nowhere" / "ldm"
+    assert not runs.exists() or not list(runs.glob("*/checkpoints/*"))

@@ -10,7 +10,7 @@ import torch
 from ldm.autoencoder.model import AutoencoderKL
 from ldm.data.latents import encode_shards
 
-from .conftest import run_script
+from .conftest import run_scripts_together
 from .test_end_to_end import TINY
 
 
@@ -31,12 +31,14 @@ def test_ldm_trains_from_latent_shards(tmp_path, tiny_shapes):
               "paths.runs=runs", "paths.exports=exports", "trainer.max_steps=2", "trainer.val_check_interval=2",
               "trainer.limit_val_batches=1", "stage.num_val_prompts=2", "stage.module.num_inference_steps=2",
               "stage.module.metrics.num_samples=4"]
-    run_script("train.py", *common, cwd=tmp_path)
+    other = _autoencoder(tmp_path / "other", seed=1)
+    # The training run and the refused start side by side (the latter in its own runs dir: Hydra names run dirs by
+    # the second they start in).
+    _, proc = run_scripts_together(
+        ("train.py", common, tmp_path, True),
+        ("train.py", [*common, f"model.autoencoder.init_from={other}", "paths.runs=runs-refused"], tmp_path, False))
     summary = json.loads(next((tmp_path / "runs" / "ldm").glob("*/summary.json")).read_text())
     assert summary["global_step"] == 2 and summary["metrics"]["val/fid"] > 0
-
-    other = _autoencoder(tmp_path / "other", seed=1)
-    proc = run_script("train.py", *common, f"model.autoencoder.init_from={other}", cwd=tmp_path, check=False)
     # A start-up check like the others: one error line and exit status 2, no traceback.
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "latent shards were made by autoencoder" in errors[0]

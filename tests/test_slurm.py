@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -88,13 +89,24 @@ def wait_for(what: str, predicate, timeout: float, every: float = 0.5):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def sbatch(env: dict, out: Path, *args: str, wait: bool = False) -> tuple[str, int]:
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def sbatch(env: dict, out: Path, *args: str) -> str:
+    """Submit train.sbatch with 2 tasks; returns the job id at once (see wait_for_end)."""
     cmd = ["sbatch", "--parsable", f"--output={out}/slurm-%j.out", "--ntasks-per-node=2", "--gpus-per-node=0",
-           "--cpus-per-task=1", "--time=10", *(["--wait"] if wait else []), "slurm/train.sbatch", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           "--cpus-per-task=1", "--time=10", "slurm/train.sbatch", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     job = proc.stdout.strip().split(";")[0]
-    assert job, proc.stderr
-    return job, proc.returncode
+    assert proc.returncode == 0 and job, proc.stderr
+    return job
+
+
+def wait_for_end(env: dict, job: str, timeout: float = 300) -> dict[str, str]:
+    """The job's record once it has ended. Polled every 0.2 s: `sbatch --wait` polls slurmctld at growing
+    intervals (10 s for a 1 s job, 42 s for a 12 s one on slurm-wlm 22.05), which idled minutes of CI."""
+    wait_for(f"job {job} to end", lambda: job_info(env, job).get("JobState") in ENDED, timeout, 0.2)
+    return job_info(env, job)
 
 
 def common(tiny_shapes, tmp_path) -> list[str]:
@@ -107,11 +119,10 @@ def log_of(out: Path, job: str, tail: int = 6000) -> str:
     return path.read_text()[-tail:] if path.exists() else "(no log)"
 
 
-def check_requeue_saves(run: Path) -> int:
-    """While the job waits requeued (nothing runs): one hpc checkpoint, saved by the trainer, and no file that
-    goes back in steps (a loader worker's stale copy of the trainer would save global step 0). Returns the
-    furthest saved step, where the requeued job must start."""
-    written = steps_by_write_time(run)
+def check_requeue_saves(written: list[tuple[int, str]]) -> int:
+    """`written` (steps_by_write_time) while the job waits requeued (nothing runs): one hpc checkpoint, saved by
+    the trainer, and no file that goes back in steps (a loader worker's stale copy of the trainer would save
+    global step 0). Returns the furthest saved step, where the requeued job must start."""
     hpc = [s for s, name in written if name.startswith("hpc_ckpt_")]
     assert len(hpc) == 1 and hpc[0] >= 4, written
     steps = [s for s, _ in written]
@@ -171,50 +182,60 @@ def test_submitit_launcher_gives_each_rank_the_cpus_per_task(cluster, tmp_path):
     assert len(cpus) == 2 and all(len(c) == 2 for c in cpus), cpus
 
 
-def test_sbatch_two_tasks_trains_vae_then_ldm(cluster, tiny_shapes, tmp_path):
-    args = common(tiny_shapes, tmp_path)
-    job, rc = sbatch(cluster, tmp_path, "stage=vae", *args, "trainer.max_steps=3", "trainer.val_check_interval=3",
-                     wait=True)
-    assert rc == 0, log_of(tmp_path, job)
-    run = tmp_path / "runs" / "vae" / f"slurm-{job}"  # the run dir is keyed by the job id
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["global_step"] == 3
-    assert summary["optimizer_steps_per_rank"] == [[3, 0], [3, 0]]  # two srun tasks, one DDP job
-    assert (run / "train_rank1.log").exists() and (run / "checkpoints" / "last.ckpt").exists()
-    assert "srun exited with 0" in log_of(tmp_path, job)
+VAE_STEPS = 24
 
-    job, rc = sbatch(cluster, tmp_path, "stage=ldm", *args, "trainer.max_steps=2", "trainer.val_check_interval=2",
-                     "stage.num_val_prompts=2", "stage.module.num_inference_steps=2",
-                     "stage.module.metrics.num_samples=0", wait=True)
-    assert rc == 0, log_of(tmp_path, job)
+
+@pytest.fixture(scope="module")
+def preempted_vae(cluster, tiny_shapes, tmp_path_factory) -> SimpleNamespace:
+    """One 2-task stage=vae job as train.sbatch runs it, sent USR1 after its first checkpoint (what SLURM sends 90 s
+    early), requeued, released and finished. Read by the two tests below: the requeue test, and the two-stage test,
+    whose stage=ldm job trains on this job's exported autoencoder (one 2-task vae job instead of two)."""
+    out = tmp_path_factory.mktemp("sbatch-vae")
+    job = sbatch(cluster, out, "stage=vae", *common(tiny_shapes, out), f"trainer.max_steps={VAE_STEPS}",
+                 f"trainer.val_check_interval={VAE_STEPS}", "checkpoint.every_n_train_steps=4")
+    run = out / "runs" / "vae" / f"slurm-{job}"  # the run dir is keyed by the job id
+    wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, 0.2)
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
+    wait_for("the requeue", lambda: job_info(cluster, job).get("Restarts") == "1" and
+             job_info(cluster, job).get("JobState") == "PENDING", 120)
+    requeued = time.time()
+    written = steps_by_write_time(run)  # while the job waits requeued
+    # SLURM holds a requeued job for about two minutes; release it now.
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
+    info = wait_for_end(cluster, job)
+    print(f"USR1 -> requeued (pending) {requeued - signalled:.1f} s; released -> finished {time.time() - requeued:.1f}"
+          f" s; saved {written}")
+    return SimpleNamespace(job=job, out=out, run=run, written=written, info=info)
+
+
+def test_sbatch_two_tasks_trains_vae_then_ldm(preempted_vae, cluster, tiny_shapes, tmp_path):
+    vae = preempted_vae
+    assert (vae.info["JobState"], vae.info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(vae.out, vae.job)
+    summary = json.loads((vae.run / "summary.json").read_text())
+    assert summary["global_step"] == VAE_STEPS
+    # two srun tasks, one DDP job; the counts are checkpointed, so they also survived the requeue
+    assert summary["optimizer_steps_per_rank"] == [[VAE_STEPS, 0], [VAE_STEPS, 0]]
+    assert (vae.run / "train_rank1.log").exists() and (vae.run / "checkpoints" / "last.ckpt").exists()
+    assert "srun exited with 0" in log_of(vae.out, vae.job)
+
+    job = sbatch(cluster, tmp_path, "stage=ldm", *common(tiny_shapes, tmp_path), f"paths.exports={vae.out}/exports",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "stage.num_val_prompts=2",
+                 "stage.module.num_inference_steps=2", "stage.module.metrics.num_samples=0")
+    info = wait_for_end(cluster, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path, job)
     summary = json.loads((tmp_path / "runs" / "ldm" / f"slurm-{job}" / "summary.json").read_text())
     assert summary["global_step"] == 2 and "val/loss" in summary["metrics"]
 
 
-def test_usr1_saves_requeues_and_resumes(cluster, tiny_shapes, tmp_path):
-    steps = 24
-    job, _ = sbatch(cluster, tmp_path, "stage=vae", *common(tiny_shapes, tmp_path), f"trainer.max_steps={steps}",
-                    f"trainer.val_check_interval={steps}", "checkpoint.every_n_train_steps=4")
-    run = tmp_path / "runs" / "vae" / f"slurm-{job}"
-    wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, 0.2)
-    signalled = time.time()
-    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)  # what SLURM sends 90 s early
-    wait_for("the requeue", lambda: job_info(cluster, job).get("Restarts") == "1" and
-             job_info(cluster, job).get("JobState") == "PENDING", 120)
-    requeued = time.time()
-    furthest = check_requeue_saves(run)
-    # SLURM holds a requeued job for about two minutes; release it now.
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
-    wait_for("the job to finish", lambda: job_info(cluster, job).get("JobState") in
-             ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, 1)
-    finished = time.time()
-    assert job_info(cluster, job)["JobState"] == "COMPLETED", log_of(tmp_path, job)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["global_step"] == steps
-    assert summary["start_step"] == furthest < steps  # continued from the furthest save, not from 0
-    assert "restart 1" in log_of(tmp_path, job, tail=10**7)
-    print(f"USR1 -> requeued (pending) {requeued - signalled:.1f} s; released -> finished {finished - requeued:.1f} s;"
-          f" saved {steps_by_write_time(run)}; resumed at step {summary['start_step']} of {steps}")
+def test_usr1_saves_requeues_and_resumes(preempted_vae):
+    vae = preempted_vae
+    furthest = check_requeue_saves(vae.written)
+    assert vae.info["JobState"] == "COMPLETED", log_of(vae.out, vae.job)
+    summary = json.loads((vae.run / "summary.json").read_text())
+    assert summary["global_step"] == VAE_STEPS
+    assert summary["start_step"] == furthest < VAE_STEPS  # continued from the furthest save, not from 0
+    assert "restart 1" in log_of(vae.out, vae.job, tail=10**7)
 
 
 def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
@@ -235,7 +256,7 @@ def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
         job = f"{array}_0"
         subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
         wait_for("the requeue", lambda: job_info(cluster, job).get("JobState") == "PENDING", 120)
-        furthest = check_requeue_saves(point)
+        furthest = check_requeue_saves(steps_by_write_time(point))
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster, check=True)
         output, _ = sweep.communicate(timeout=400)
     finally:
@@ -250,13 +271,13 @@ def test_sweep_through_submitit_launcher(cluster, tiny_shapes, tmp_path):
 
 
 def test_sbatch_exit_code_is_sruns(cluster, tiny_shapes, tmp_path):
-    """A run that stops at start-up (stage=ldm without an autoencoder) fails the job with srun's exit code."""
-    job, rc = sbatch(cluster, tmp_path, "stage=ldm", *common(tiny_shapes, tmp_path), f"paths.exports={tmp_path}/none",
-                     wait=True)
+    """A run that stops at start-up (stage=ldm without an autoencoder) fails the job with srun's exit code (the
+    job's ExitCode, which is also what `sbatch --wait` returns)."""
+    job = sbatch(cluster, tmp_path, "stage=ldm", *common(tiny_shapes, tmp_path), f"paths.exports={tmp_path}/none")
+    info = wait_for_end(cluster, job, timeout=120)
     log = log_of(tmp_path, job, tail=10**7)
     srun_rc = int(re.search(r"srun exited with (\d+)", log).group(1))
     # 2 from the first rank out; srun may instead report the rank --kill-on-bad-exit killed. Either way: != 0.
-    assert rc == srun_rc != 0, log[-4000:]
-    wait_for("the job record", lambda: job_info(cluster, job).get("JobState") == "FAILED", 30)
-    assert job_info(cluster, job)["ExitCode"] == f"{srun_rc}:0"
+    assert srun_rc != 0, log[-4000:]
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", f"{srun_rc}:0"), log[-4000:]
     assert "needs a trained autoencoder" in log
