@@ -329,3 +329,40 @@ def test_bucket_shares_are_logged(tmp_path: Path) -> None:
         assert counts[bucket] == BATCH * sum(s[2:] == bucket for s in recorder.shapes)
         share = trainer.callback_metrics[f"data/{bucket_name(bucket)}"]
         assert share == pytest.approx(counts[bucket] / (13 * BATCH))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed latents keep their bucket's shape
+
+
+def test_latents_keep_bucket_shapes_and_train_grouped_by_shape(tmp_path: Path) -> None:
+    from ldm.autoencoder.model import AutoencoderKL
+    from ldm.data.datamodule import ShardDataModule
+    from ldm.data.latents import encode_shards
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=2, embed_dim=2, resolution=16,
+                       norm_num_groups=4).save_pretrained(tmp_path / "ae")
+    write_ratio_shards(tmp_path / "img", sizes=(10, 14))
+    info = encode_shards(ae, tmp_path / "img", tmp_path / "lat", resolution=16, batch_size=4, progress=False,
+                         buckets=[list(b) for b in BUCKETS])
+    recorded = json.loads((tmp_path / "lat" / "latents.json").read_text())
+    assert recorded["buckets"] == [list(b) for b in BUCKETS] and recorded["latent_factor"] == 2
+    assert info["num_samples"] == 24
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        encode_shards(ae, tmp_path / "img", tmp_path / "lat2", resolution=16, progress=False, buckets=[[9, 16]])
+
+    dm = ShardDataModule(train_shards=str(tmp_path / "lat"), val_shards=str(tmp_path / "lat"), resolution=16,
+                         batch_size=4, num_workers=1, mode="finite", latents=True, autoencoder=str(ae))
+    dm.setup("fit")  # data.buckets null: the buckets the shards were written with
+    assert dm.buckets == BUCKETS
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6
+    for batch in batches:
+        h, w = batch["moments"].shape[2:]
+        assert (h * 2, w * 2) in BUCKETS and batch["moments"].shape[:2] == (4, 4)
+    val_keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert sorted(val_keys) == sorted(_keys((10, 14)))
+    with pytest.raises(ValueError, match="data.buckets=.* differs from the buckets the latent shards"):
+        ShardDataModule(train_shards=str(tmp_path / "lat"), val_shards=None, resolution=16, latents=True,
+                        buckets=[[16, 16]]).setup("fit")

@@ -72,18 +72,30 @@ def encode_shards(
     shard_size: int = 10000,
     device: str = "cpu",
     progress: bool = True,
+    buckets: Any = None,
 ) -> dict[str, Any]:
-    """Encode every sample of `shards` (centre crop at `resolution`) into latent shards under `out`."""
+    """Encode every sample of `shards` (centre crop at `resolution`) into latent shards under `out`.
+
+    `buckets` (a data.buckets value) crops each image to its aspect bucket instead, so its
+    moments keep the bucket's shape; latents.json records the buckets and the latent factor,
+    and training on the shards groups batches by that shape.
+    """
     from ldm.autoencoder.model import AutoencoderKL
+    from ldm.data.buckets import check_bucket_factor, parse_buckets
 
     model = AutoencoderKL.from_pretrained(autoencoder).to(device).eval()
+    bucket_list = parse_buckets(buckets, resolution)
+    factor = int(model.downsample_factor)
+    check_bucket_factor(bucket_list, factor, f"the autoencoder's factor {factor}")
     info = {"autoencoder": str(autoencoder), "autoencoder_sha256": autoencoder_digest(model),
             "resolution": resolution, "dtype": "float16", "member": MOMENTS_EXT}
+    if bucket_list is not None:
+        info.update(buckets=[list(b) for b in bucket_list], latent_factor=factor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise FileExistsError(f"{out} already holds shards; choose an empty directory")
-    stream = ValStream(expand_shards(shards), resolution=resolution, batch_size=batch_size)
+    stream = ValStream(expand_shards(shards), resolution=resolution, batch_size=batch_size, buckets=bucket_list)
     bar = tqdm(unit="img", desc="encoding", disable=not progress)
     shard_index, in_shard, total, tar = 0, 0, 0, None
 
@@ -148,9 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=10000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--buckets", type=json.loads, default=None,
+                        help='aspect buckets as JSON, like data.buckets: \'[[192, 320], [256, 256]]\' or '
+                             '\'{"step": 64, "max_ratio": 2.0}\'; each latent keeps its bucket\'s shape')
     args = parser.parse_args(argv)
     info = encode_shards(args.autoencoder, args.shards, args.out, resolution=args.resolution,
-                         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device)
+                         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                         buckets=args.buckets)
     print(f"wrote {info['num_samples']} latents {info['latent_shape']} to {args.out} "
           f"(autoencoder sha256 {info['autoencoder_sha256'][:12]}...)")
     return info

@@ -21,7 +21,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ldm.checkpoints.files import RefusedFileError, load_torch_file
 from ldm.train.checkpoint_io import AtomicCheckpointIO
-from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
+from ldm.train.checks import (
+    ConfigError,
+    check_autoencoder_resolution,
+    check_buckets,
+    check_ldm,
+    resolve_autoencoder_path,
+)
 from ldm.train.ddp import pin_run_dir_for_children
 from ldm.train.faults import (
     NonFiniteLossError,
@@ -136,6 +142,8 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             raise ConfigError("trainer=fsdp shards stage=ldm's UNet; stage=vae trains on every rank whole: "
                               "use trainer=ddp")
         check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
+        factor = 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
+        check_buckets(cfg, factor, f"autoencoder factor {factor}")
         extra = {"score_shapes": cfg.data.get("name") == "shapes"}
         if cfg.trainer.get("gradient_clip_val") and not cfg.stage.module.get("grad_clip"):
             extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
