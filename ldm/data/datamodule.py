@@ -250,6 +250,12 @@ class ShardDataModule(pl.LightningDataModule):
                 latent_factor=self.latent_factor,
             )
 
+    def bucket_list(self) -> list[Bucket] | None:
+        """The aspect buckets training will use (latent shards: those of their latents.json), None if square."""
+        if self.latents and self.train_shards is not None:
+            self._latent_buckets([url for source, _ in expand_sources(self.train_shards) for url in source])
+        return self.buckets
+
     def _latent_buckets(self, urls: list[str]) -> None:
         """Latent shards written with buckets train bucketed, on the buckets they were written with."""
         info = latents_info(urls)

@@ -37,7 +37,7 @@ from ldm.train.faults import (
 )
 from ldm.train.fsdp import module_for_export
 from ldm.train.loggers import make_logger
-from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
+from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf, compile_per_shape
 from ldm.train.preemption import PreemptionCheckpoint
 from ldm.train.progress import LossProgressBar
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
@@ -309,6 +309,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule.check_latent_shards()  # now, not inside fit: a wrong autoencoder is a bad setting
         except (ValueError, OSError) as err:
             raise ConfigError(f"data.train_shards / data.val_shards: {err}") from err
+    buckets = getattr(datamodule, "bucket_list", lambda: None)()
+    if perf.get("compile") and buckets:
+        print(f"[ldm] perf: {', '.join(compile_per_shape(len(buckets)))}")
     logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
                          run_name=f"{cfg.stage.name}-{run_dir.name}", resume_from=resume)
     if logger is not None:
