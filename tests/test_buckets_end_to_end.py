@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-
 from PIL import Image
 
 from .conftest import run_script

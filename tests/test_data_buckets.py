@@ -366,3 +366,28 @@ def test_latents_keep_bucket_shapes_and_train_grouped_by_shape(tmp_path: Path) -
     with pytest.raises(ValueError, match="data.buckets=.* differs from the buckets the latent shards"):
         ShardDataModule(train_shards=str(tmp_path / "lat"), val_shards=None, resolution=16, latents=True,
                         buckets=[[16, 16]]).setup("fit")
+
+
+def test_compile_makes_one_graph_per_bucket_shape_beyond_the_default_limit(monkeypatch) -> None:
+    """12 shapes, more than dynamo's default recompile limit of 8: still 12 compiled graphs, none eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ldm.train.perf import compile_per_shape
+
+    config = torch._dynamo.config
+    for name in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit",
+                 "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(config, name, getattr(config, name))  # restored after the test
+    shapes = [(8 * (1 + i % 4), 8 * (1 + i // 4)) for i in range(12)]
+    compile_per_shape(len(shapes))
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Conv2d(3, 4, 3, padding=1)
+    model.compile(backend="aot_eager")
+    for _ in range(2):  # the second pass must hit the cached graphs
+        for h, w in shapes:
+            model(torch.randn(2, 3, h, w)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == len(shapes)
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
