@@ -140,6 +140,23 @@ def test_bucketer_leftovers_are_largest_first_and_held_lists_positions() -> None
     assert [b for b, _ in batches] == [2] and dropped == 1 and bucketer.held() == []
 
 
+def test_restore_from_held_positions_rebuilds_the_same_queues(tmp_path: Path) -> None:
+    """The data position's `held` list (h-resume's cursor skip) rebuilds exactly the interrupted queues."""
+    from ldm.data.shards import read_samples
+
+    urls = write_ratio_shards(tmp_path / "s", sizes=(20,))
+    raw = [dict(s, __pos__=i) for i, s in enumerate(read_samples(urls[0], lambda ext: True))]
+    live = Bucketer(BUCKETS, 4)
+    cursor = 13
+    for sample in raw[:cursor]:
+        live.add(sample, live.assign(sample))
+    held = live.held()
+    assert held  # some samples wait in partial buckets
+    rebuilt = Bucketer(BUCKETS, 4)
+    assert rebuilt.restore(raw[:cursor], held) == len(held)
+    assert [[s["__key__"] for s in q] for q in rebuilt.queues] == [[s["__key__"] for s in q] for q in live.queues]
+
+
 # ---------------------------------------------------------------------------------------------
 # Streams
 

@@ -181,6 +181,24 @@ class Bucketer:
         """`__pos__` of every queued sample (the data position's "held" list); O(queued samples)."""
         return [int(s["__pos__"]) for queue in self.queues for s in queue if "__pos__" in s]
 
+    def restore(self, skipped: Iterable[Sample], held: Iterable[int]) -> int:
+        """Rebuild the queues during a cursor-based resume skip: keep the skipped samples whose `__pos__`
+        the checkpoint's data position lists as held (pulled, not yet batched). Returns how many were kept.
+
+        For a resume that knows the consumer's cursor and held list (data_position) instead of a batch
+        count: the caller skips `cursor` raw samples through this, then batches the rest as usual.
+        """
+        wanted = set(int(p) for p in held)
+        kept = 0
+        for sample in skipped:
+            if int(sample.get("__pos__", -1)) not in wanted:
+                continue
+            bucket = self.assign(sample)
+            if bucket is not None and self.add(sample, bucket) is not None:
+                raise RuntimeError("the held samples fill a whole bucket: the data position is not from this stream")
+            kept += bucket is not None
+        return kept
+
     def leftovers(self, missing: int) -> tuple[list[tuple[int, list[Sample]]], int]:
         """The `missing` largest partial queues (the caller pads each with repeats of its own samples).
 
