@@ -11,10 +11,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.buckets import Bucket, bucket_name, parse_buckets
 from ldm.data.callbacks import DataStatsCallback
 from ldm.data.captions import caption_keys
 from ldm.data.decode import DecodeOptions
-from ldm.data.latents import check_latents, latents_folder
+from ldm.data.latents import check_latents, latents_folder, latents_info
 from ldm.data.pipeline import (
     MODES,
     ShardSpec,
@@ -45,6 +46,8 @@ class ShardDataModule(pl.LightningDataModule):
     an endless stream (left as None: data set size / (world_size * batch_size),
     from recorded counts). Either way every rank gets the same number of batches.
     In resampled mode `train_shards` may mix sources: [{"shards": spec, "weight": w}, ...].
+    `buckets` (see ldm.data.buckets) makes every batch one aspect-ratio bucket
+    (Bx3xHxW, plus "crop_top_left" and "original_size", Bx2 long); None keeps square crops.
     `latents=True` reads shards written by `python -m ldm.data.latents` ("moments" in place of
     "image") and refuses them when `autoencoder` is given and did not make them.
 
@@ -81,6 +84,7 @@ class ShardDataModule(pl.LightningDataModule):
         autoencoder: str | None = None,
         caption_json_key: str | None = None,
         text_embeddings: bool | None = None,
+        buckets: Any = None,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -110,6 +114,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.text_embeddings = text_embeddings  # None: read them when the latent shards have them
         self.text_embeddings_info: dict[str, Any] | None = None  # latents.json of the train shards, when read
         self.empty_context: torch.Tensor | None = None  # their stored empty-prompt embedding (T x D float16)
+        self.buckets_spec = buckets
+        self.buckets: list[Bucket] | None = None  # resolved by _check_values (latent shards: from latents.json)
+        self.latent_factor: int | None = None
         self._resume_state: dict[str, Any] | None = None
         self.train_set: TrainStream | None = None
         self.val_set: ValStream | None = None
@@ -159,6 +166,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction!r}")
         if self.min_size < 0 or self.retries < 0:
             raise ValueError("data.min_size and data.retries must be >= 0")
+        self.buckets = parse_buckets(self.buckets_spec, self.resolution)
 
     def check_shards(self) -> None:
         """Every local shard named exists: a typo stops start-up, naming the key, not a loader worker mid-epoch."""
@@ -212,6 +220,7 @@ class ShardDataModule(pl.LightningDataModule):
             urls = [url for source, _ in sources for url in source]
             if self.latents:
                 self.check_latent_shards()
+                self._latent_buckets(urls)
             counts, epoch_length = None, self.epoch_length
             if self.mode == "finite" and len({weight for _, weight in sources}) > 1:
                 raise ValueError("data.train_shards weights apply to data.mode=resampled; "
@@ -251,12 +260,15 @@ class ShardDataModule(pl.LightningDataModule):
                 weights=[weight for _, weight in sources],
                 caption_json_key=self.caption_json_key,
                 text_embeddings=bool(self.text_embeddings),
+                buckets=self.buckets,
+                latent_factor=self.latent_factor,
             )
             self._add_stats_callback()
         if stage in (None, "fit", "validate") and self.val_shards is not None:
             val_urls = expand_shards(self.val_shards)
             if self.latents:
                 self.check_latent_shards()
+                self._latent_buckets(val_urls)
             self.val_set = ValStream(
                 val_urls,
                 resolution=self.resolution,
@@ -270,7 +282,30 @@ class ShardDataModule(pl.LightningDataModule):
                 latents=self.latents,
                 caption_json_key=self.caption_json_key,
                 text_embeddings=bool(self.text_embeddings),
+                buckets=self.buckets,
+                latent_factor=self.latent_factor,
             )
+
+    def bucket_list(self) -> list[Bucket] | None:
+        """The aspect buckets training will use (latent shards: those of their latents.json), None if square."""
+        if self.latents and self.train_shards is not None:
+            self._latent_buckets([url for source, _ in expand_sources(self.train_shards) for url in source])
+        return self.buckets
+
+    def _latent_buckets(self, urls: list[str]) -> None:
+        """Latent shards written with buckets train bucketed, on the buckets they were written with."""
+        info = latents_info(urls)
+        written = [tuple(b) for b in info["buckets"]] if info.get("buckets") else None
+        if written is None:
+            if self.buckets is not None:
+                raise ValueError("data.buckets is set but these latent shards were written without buckets "
+                                 "(latents.json has none): set data.buckets=null or re-encode with --buckets")
+            return
+        if self.buckets_spec is not None and sorted(self.buckets or []) != sorted(written):
+            raise ValueError(f"data.buckets={self.buckets_spec!r} differs from the buckets the latent shards were "
+                             f"written with ({written}): set data.buckets=null to use theirs")
+        self.buckets = sorted(written, key=lambda b: b[0] / b[1])
+        self.latent_factor = int(info["latent_factor"])
 
     def _loader(self, dataset: Any) -> DataLoader:
         workers = self.num_workers > 0
@@ -293,14 +328,17 @@ class ShardDataModule(pl.LightningDataModule):
             return
         position = next((i for i, c in enumerate(trainer.callbacks)
                          if isinstance(c, pl.callbacks.Checkpoint)), len(trainer.callbacks))
-        trainer.callbacks.insert(position, DataStatsCallback(max_skip_fraction=self.max_skip_fraction))
+        names = [bucket_name(b) for b in self.buckets] if self.buckets else []
+        trainer.callbacks.insert(position, DataStatsCallback(max_skip_fraction=self.max_skip_fraction,
+                                                             buckets=names))
 
     def _resume_key(self) -> dict[str, Any]:
         """What must be unchanged for a saved mid-epoch position to mean the same samples."""
         _, world_size = self._rank_world()
         return {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size,
                 "num_workers": self.num_workers, "world_size": world_size,
-                "shuffle_buffer": self.shuffle_buffer}
+                "shuffle_buffer": self.shuffle_buffer,
+                "buckets": [list(b) for b in self.buckets] if self.buckets else None}
 
     def state_dict(self) -> dict[str, Any]:
         """The training position (epoch, batches consumed this epoch on each rank), saved in checkpoints."""

@@ -27,7 +27,8 @@ from ldm.data.text_embeddings import CONTEXT_EXT, load_array
 MOMENTS_EXT = "moments.npy"  # precomputed latents (ldm.data.latents): posterior mean and log-variance
 
 # Counted per DataLoader worker and passed along with every batch (see `collate`).
-STAT_KEYS = ("samples", "skipped", "no_caption", "bad_caption", "filtered", "padded", "failed_shards")
+STAT_KEYS = ("samples", "skipped", "no_caption", "bad_caption", "filtered", "padded", "failed_shards",
+             "dropped")  # dropped: left in partial aspect buckets at the end of a finite part
 
 
 class Filtered(Exception):
@@ -47,6 +48,7 @@ class DecodeOptions:
     latents: bool = False  # read precomputed moments (`{key}.moments.npy`) instead of an image
     caption_json_key: str | None = None  # also read captions from this key of the sample's .json (a list)
     text_embeddings: bool = False  # with latents: read the stored context (`{key}.context.npy`) too
+    bucketed: bool = False  # aspect buckets: read the json too (its width/height place a sample cheaply)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "caption_key", caption_keys(self.caption_key))
@@ -67,7 +69,7 @@ class DecodeOptions:
             wanted.add(MOMENTS_EXT)
         if self.text_embeddings:
             wanted.add(CONTEXT_EXT)
-        if self.min_size > 0 or self.caption_json_key:
+        if self.min_size > 0 or self.caption_json_key or self.bucketed:
             wanted.add("json")
         return frozenset(wanted).__contains__
 
@@ -116,6 +118,49 @@ def _original_size(fields: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def _cover_crop(
+    image: Image.Image, height: int, width: int, options: DecodeOptions, rng: random.Random | None
+) -> tuple[Image.Image, int, int]:
+    """Resize to cover height x width (aspect kept), crop centre or random; returns (image, top, left)."""
+    w, h = image.size
+    if (w, h) == (width, height):
+        return image, 0, 0
+    scale = max(width / w, height / h)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    if options.crop == "random" and rng is not None:
+        left, top = rng.randint(0, size[0] - width), rng.randint(0, size[1] - height)
+    else:
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height)), top, left
+
+
+def load_image_sized(
+    data: bytes,
+    options: DecodeOptions,
+    size: tuple[int, int],
+    rng: random.Random | None = None,
+    check_size: bool = True,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Encoded image -> (3xHxW tensor in [-1, 1], (top, left) of the crop, (height, width) as stored).
+
+    `size` is (height, width); the image is resized to cover it, cropped and maybe flipped.
+    """
+    height, width = size
+    with Image.open(io.BytesIO(data)) as opened:  # everything inside: closing drops the pixels
+        if check_size and options.min_size and min(opened.size) < options.min_size:
+            raise Filtered(f"image {opened.size} smaller than min_size {options.min_size}")
+        stored = (opened.size[1], opened.size[0])
+        opened.draft("RGB", (width, height))  # JPEG: decode at a reduced scale when much larger
+        image, top, left = _cover_crop(to_rgb(opened, options.background), height, width, options, rng)
+        if options.flip_p > 0 and rng is not None and rng.random() < options.flip_p:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = torch.from_numpy(np.array(image, dtype=np.uint8))
+    if image.size != (width, height):  # draft scaled a JPEG below the target: cannot happen, but be loud
+        raise ValueError(f"decoded image is {image.size}, wanted {(width, height)}")
+    return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0), (top, left), stored
+
+
 def load_image(
     data: bytes, options: DecodeOptions, rng: random.Random | None = None, check_size: bool = True
 ) -> torch.Tensor:
@@ -124,25 +169,7 @@ def load_image(
     `check_size=False` skips the min_size test on the decoded image (the caller knew the original size).
     """
     resolution = options.resolution
-    with Image.open(io.BytesIO(data)) as opened:  # everything inside: closing drops the pixels
-        if check_size and options.min_size and min(opened.size) < options.min_size:
-            raise Filtered(f"image {opened.size} smaller than min_size {options.min_size}")
-        opened.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale when much larger
-        image = to_rgb(opened, options.background)
-        width, height = image.size
-        if (width, height) != (resolution, resolution):
-            scale = resolution / min(width, height)
-            size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-            if options.crop == "random" and rng is not None:
-                left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-            else:
-                left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-            image = image.crop((left, top, left + resolution, top + resolution))
-        if options.flip_p > 0 and rng is not None and rng.random() < options.flip_p:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = torch.from_numpy(np.array(image, dtype=np.uint8))
-    return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return load_image_sized(data, options, (resolution, resolution), rng, check_size)[0]
 
 
 def load_moments(data: bytes) -> torch.Tensor:
@@ -151,9 +178,17 @@ def load_moments(data: bytes) -> torch.Tensor:
 
 
 def decode_sample(
-    sample: Sample, options: DecodeOptions, stats: dict[str, int], rng: random.Random | None = None
+    sample: Sample,
+    options: DecodeOptions,
+    stats: dict[str, int],
+    rng: random.Random | None = None,
+    size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Raw sample (bytes per extension) -> {"image", "caption", "key"}; raises when it cannot be used.
+
+    With `size` (an aspect bucket's (height, width)) the image is cropped to it and the
+    example also carries "crop_top_left" (top, left in the resized image) and
+    "original_size" (height, width before any resize: the json's original_*, else as stored).
 
     A missing caption becomes "" and a caption that is not UTF-8 is decoded with
     replacement characters; both are counted in `stats`.
@@ -167,11 +202,19 @@ def decode_sample(
     data = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
     if data is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
-    size = _original_size(fields) if options.min_size else None
-    if size is not None and min(size) < options.min_size:
-        raise Filtered(f"original size {size} smaller than min_size {options.min_size}")
-    image = load_image(data, options, rng, check_size=size is None)  # img2dataset may have resized it
-    return {"image": image, **_caption(fields, options, stats), "key": sample.get("__key__", "")}
+    target = size
+    original = _original_size(fields) if options.min_size or target is not None else None
+    if original is not None and options.min_size and min(original) < options.min_size:
+        raise Filtered(f"original size {original} smaller than min_size {options.min_size}")
+    check = original is None  # img2dataset may have resized it: trust the json's original size
+    if target is None:
+        image = load_image(data, options, rng, check_size=check)
+        return {"image": image, **_caption(fields, options, stats), "key": sample.get("__key__", "")}
+    image, crop, stored = load_image_sized(data, options, target, rng, check_size=check)
+    height, width = (original[1], original[0]) if original is not None else stored
+    return {"image": image, **_caption(fields, options, stats), "key": sample.get("__key__", ""),
+            "crop_top_left": torch.tensor(crop, dtype=torch.long),
+            "original_size": torch.tensor((height, width), dtype=torch.long)}
 
 
 def _caption(fields: dict[str, Any], options: DecodeOptions, stats: dict[str, int]) -> dict[str, Any]:

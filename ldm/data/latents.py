@@ -77,17 +77,27 @@ def encode_shards(
     text_encoder: dict[str, Any] | None = None,
     caption_key: str | list[str] = "txt",
     caption_json_key: str | None = None,
+    buckets: Any = None,
 ) -> dict[str, Any]:
     """Encode every sample of `shards` (centre crop at `resolution`) into latent shards under `out`.
 
     With `text_encoder` (a model.text_encoder config) every caption's frozen-tower output is stored too
     (ldm.data.text_embeddings). Several captions per sample (a list of caption keys, or caption_json_key) are
-    all kept: the first as {key}.txt, all in {key}.json under "captions"."""
+    all kept: the first as {key}.txt, all in {key}.json under "captions". `buckets` (a data.buckets value)
+    crops each image to its aspect bucket instead, so its moments keep the bucket's shape; latents.json
+    records the buckets and the latent factor, and training on the shards groups batches by that shape.
+    """
     from ldm.autoencoder.model import AutoencoderKL
+    from ldm.data.buckets import check_bucket_factor, parse_buckets
 
     model = AutoencoderKL.from_pretrained(autoencoder).to(device).eval()
+    bucket_list = parse_buckets(buckets, resolution)
+    factor = int(model.downsample_factor)
+    check_bucket_factor(bucket_list, factor, f"the autoencoder's factor {factor}")
     info = {"autoencoder": str(autoencoder), "autoencoder_sha256": autoencoder_digest(model),
             "resolution": resolution, "dtype": "float16", "member": MOMENTS_EXT}
+    if bucket_list is not None:
+        info.update(buckets=[list(b) for b in bucket_list], latent_factor=factor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
@@ -97,7 +107,7 @@ def encode_shards(
         info.update(embedder.info())
         embedder.write_empty(out)
     stream = ValStream(expand_shards(shards), resolution=resolution, batch_size=batch_size,
-                       caption_key=caption_key, caption_json_key=caption_json_key)
+                       caption_key=caption_key, caption_json_key=caption_json_key, buckets=bucket_list)
     if stream.options.several_captions:
         info["caption_json_key"] = "captions"
     bar = tqdm(unit="img", desc="encoding", disable=not progress)
@@ -184,12 +194,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="tar member extension(s) holding captions; several: each one a caption")
     parser.add_argument("--caption-json-key", default=None,
                         help="also read captions from this key of each sample's .json (a list of strings)")
+    parser.add_argument("--buckets", type=json.loads, default=None,
+                        help='aspect buckets as JSON, like data.buckets: \'[[192, 320], [256, 256]]\' or '
+                             '\'{"step": 64, "max_ratio": 2.0}\'; each latent keeps its bucket\'s shape')
     args = parser.parse_args(argv)
     tower = load_tower_config(args.text_encoder[0], args.text_encoder[1:]) if args.text_encoder else None
     caption_key = args.caption_key[0] if len(args.caption_key) == 1 else args.caption_key
     info = encode_shards(args.autoencoder, args.shards, args.out, resolution=args.resolution,
                          batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
-                         text_encoder=tower, caption_key=caption_key, caption_json_key=args.caption_json_key)
+                         text_encoder=tower, caption_key=caption_key, caption_json_key=args.caption_json_key,
+                         buckets=args.buckets)
     text = (f", text tower sha256 {info['text_encoder_sha256'][:12]}..." if tower else "")
     print(f"wrote {info['num_samples']} latents {info['latent_shape']} to {args.out} "
           f"(autoencoder sha256 {info['autoencoder_sha256'][:12]}...{text})")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.data.buckets import Bucket, Bucketer, bucket_name
 from ldm.data.decode import STAT_KEYS, DecodeOptions, Filtered, decode_sample
 from ldm.data.shards import (  # noqa: F401 (re-exported: the data module and tests import them from here)
     IMAGE_EXTENSIONS,
@@ -144,9 +145,10 @@ class Counters(dict):
 def collate(samples: list[dict[str, Any]], stats: dict[str, int] | None = None) -> dict[str, Any]:
     """Decoded samples -> {"image": Bx3xRxR, "caption": [str], "key": [str], "data_stats": {name: int}}.
 
-    Latent shards give "moments" (Bx2Cxhxw) in place of "image". Any other key is kept: "context" (stored text
-    embeddings, see ldm.data.text_embeddings.collate_context), tensors of one shape stacked, the rest as lists
-    (e.g. "captions", each sample's list of captions).
+    Latent shards give "moments" (Bx2Cxhxw) in place of "image". Any other key the samples share is kept:
+    "context" (stored text embeddings, see ldm.data.text_embeddings.collate_context), tensors of one shape
+    stacked (e.g. bucketed "crop_top_left", "original_size"), the rest as lists (e.g. "captions", each
+    sample's list of captions). Keys starting with "__" (raw-sample bookkeeping) are not batched.
     """
     field = "image" if "image" in samples[0] else "moments"
     batch = {
@@ -156,7 +158,7 @@ def collate(samples: list[dict[str, Any]], stats: dict[str, int] | None = None) 
         "data_stats": stats if stats is not None else {key: 0 for key in STAT_KEYS},
     }
     for name in samples[0]:
-        if name in batch:
+        if name in batch or name.startswith("__") or not all(name in s for s in samples):
             continue
         values = [s[name] for s in samples]
         if name == "context":
@@ -195,11 +197,12 @@ class _Decoder:
         self.decoded = 0
         self.skipped = 0
 
-    def __call__(self, sample: Sample) -> dict[str, Any] | None:
+    def __call__(self, sample: Sample, size: tuple[int, int] | None = None) -> dict[str, Any] | None:
+        """The decoded example (cropped to `size`, an aspect bucket, when given), or None if unusable."""
         self.stats["samples"] += 1
         rng = random.Random(f"{self.seed}:{sample.get('__key__')}") if self.seed is not None else None
         try:
-            result = decode_sample(sample, self.options, self.stats, rng)
+            result = decode_sample(sample, self.options, self.stats, rng, size)
         except Filtered:
             self.stats["filtered"] += 1
             return None
@@ -228,8 +231,17 @@ def make_batches(
     batch_size: int,
     num_batches: int,
     pad: bool,
+    bucketer: Bucketer | None = None,
+    skip: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """Exactly `num_batches` full batches from raw samples (padding with repeats if `pad`, else an error)."""
+    """Exactly `num_batches` full batches from raw samples (padding with repeats if `pad`, else an error).
+
+    With a `bucketer`, each batch holds one aspect bucket, and the first `skip` batches
+    are formed (without decoding) and dropped: a resumed epoch rebuilds the queues it had.
+    """
+    if bucketer is not None:
+        yield from bucket_batches(raw, decoder, bucketer, num_batches=num_batches, pad=pad, skip=skip)
+        return
     stats = decoder.stats
     batch: list[dict[str, Any]] = []
     recent: deque[dict[str, Any]] = deque(maxlen=batch_size)
@@ -268,6 +280,92 @@ def _public(stats: dict[str, int]) -> dict[str, int]:
     return {key: stats[key] for key in STAT_KEYS}
 
 
+class _BucketDecoder:
+    """Decodes a formed bucket batch; a sample that fails is replaced by a repeat from the same bucket."""
+
+    def __init__(self, decoder: _Decoder, bucketer: Bucketer) -> None:
+        self.decoder = decoder
+        self.bucketer = bucketer
+        self.last: dict[int, dict[str, Any]] = {}  # a good example per bucket, for a batch that all fails
+
+    def __call__(self, bucket: int, samples: list[Sample]) -> dict[str, Any]:
+        """A full batch from `samples` (a full or, at the end of a part, a partial queue), padded by repeats."""
+        stats = self.decoder.stats
+        size = self.bucketer.buckets[bucket]
+        examples: list[dict[str, Any] | None] = [self.decoder(s, size) for s in samples]
+        good = [e for e in examples if e is not None]
+        if not good:
+            good = [self.last.get(bucket) or self._blank(size)]
+        self.last[bucket] = good[-1]
+        filled = [e for e in examples if e is not None]
+        while len(filled) < self.bucketer.batch_size:  # failed decodes and a partial queue's gap
+            filled.append(good[len(filled) % len(good)])
+            stats["padded"] += 1
+        batch = collate(filled, _public(stats.take()))
+        batch["data_stats"][bucket_name(size)] = len(filled)
+        return batch
+
+    def _blank(self, size: tuple[int, int]) -> dict[str, Any]:
+        if self.decoder.options.latents:
+            raise RuntimeError("no latent sample of a bucket batch could be read; cannot pad it")
+        return {"image": torch.zeros(3, *size), "caption": "", "key": "",
+                "crop_top_left": torch.zeros(2, dtype=torch.long),
+                "original_size": torch.tensor(size, dtype=torch.long)}
+
+
+def bucket_batches(
+    raw: Iterable[Sample], decoder: _Decoder, bucketer: Bucketer, *, num_batches: int, pad: bool, skip: int = 0
+) -> Iterator[dict[str, Any]]:
+    """`num_batches` one-bucket batches after `skip` already consumed ones (see ldm.data.buckets).
+
+    Skipped batches are formed from the raw stream without decoding, so the bucket
+    queues after the skip are exactly those of the interrupted run.
+    """
+    stats = decoder.stats
+    decode = _BucketDecoder(decoder, bucketer)
+    formed, produced = 0, 0
+    previous: tuple[int, list[Sample]] | None = None
+    if num_batches <= 0:
+        return
+
+    def bad(sample: Sample) -> None:  # no readable size: undecodable, skipped and counted like a failed decode
+        if formed >= skip:
+            stats["samples"] += 1
+            stats["skipped"] += 1
+            log.warning("skipped sample %s of %s: its image size cannot be read",
+                        sample.get("__key__"), sample.get("__url__"))
+
+    for bucket, samples in bucketer.batches(raw, bad):
+        formed += 1
+        previous = (bucket, samples)
+        if formed <= skip:
+            continue
+        yield decode(bucket, samples)
+        produced += 1
+        if produced == num_batches:
+            return
+    if not pad:
+        raise RuntimeError("the sample stream ended early (no shard gave a sample)")
+    missing = skip + num_batches - formed  # what the full part still owes, counted from the epoch's start
+    leftovers, dropped = bucketer.leftovers(missing)
+    for index in range(missing):
+        if index < len(leftovers):
+            bucket, samples = leftovers[index]
+            previous = (bucket, samples)
+        else:  # samples lost before bucketing (unreadable sizes): repeat the last batch formed
+            if previous is None:
+                raise RuntimeError("no sample of this worker's part could be placed in a bucket; cannot pad")
+            bucket, samples = previous
+        if index == 0 and skip <= formed:
+            stats["dropped"] += dropped
+        if formed + index < skip:
+            continue
+        yield decode(bucket, samples)
+        produced += 1
+        if produced == num_batches:
+            return
+
+
 # ---------------------------------------------------------------------------------------------
 # Datasets
 
@@ -304,6 +402,8 @@ class TrainStream(IterableDataset):
         weights: Sequence[float] | None = None,
         caption_json_key: str | None = None,
         text_embeddings: bool = False,
+        buckets: Sequence[Bucket] | None = None,
+        latent_factor: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -321,7 +421,10 @@ class TrainStream(IterableDataset):
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key, crop=crop,
                                      flip_p=flip_p, background=tuple(background), min_size=min_size,
                                      latents=latents, caption_json_key=caption_json_key,
-                                     text_embeddings=text_embeddings)
+                                     text_embeddings=text_embeddings, bucketed=buckets is not None)
+        # aspect buckets (ldm.data.buckets); latent shards are grouped by their stored shape
+        self.buckets = [tuple(b) for b in buckets] if buckets is not None else None
+        self.latent_factor = latent_factor
         # resampled mode may mix sources: the first sources[0] URLs are source 0, and so on
         self.sources = list(sources) if sources is not None else [len(self.urls)]
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(self.sources)
@@ -430,13 +533,20 @@ class TrainStream(IterableDataset):
         stats = Counters()
         rng = random.Random(f"shuffle:{self.seed}:{epoch}:{index}:{self.world_size * num_workers}")
         raw = shuffled(self._raw(epoch, worker, num_workers, stats), self.shuffle_buffer, rng)
-        for _ in range(skip * self.batch_size):  # resume: drop what was consumed, undecoded
+        bucketer = self.bucketer()
+        for _ in range(0 if bucketer else skip * self.batch_size):  # resume: drop what was consumed, undecoded
             if next(raw, None) is None:
                 break
         random_aug = self.options.crop == "random" or self.options.flip_p > 0
         decoder = _Decoder(self.options, stats, f"{self.seed}:{epoch}" if random_aug else None)
         yield from make_batches(raw, decoder, batch_size=self.batch_size, num_batches=share - skip,
-                                pad=self.mode == "finite")
+                                pad=self.mode == "finite", bucketer=bucketer, skip=skip if bucketer else 0)
+
+    def bucketer(self) -> Bucketer | None:
+        """Fresh bucket queues for one epoch of one worker (None when unbucketed)."""
+        if self.buckets is None:
+            return None
+        return Bucketer(self.buckets, self.batch_size, self.latent_factor)
 
 
 class ValStream(IterableDataset):
@@ -463,6 +573,8 @@ class ValStream(IterableDataset):
         latents: bool = False,
         caption_json_key: str | None = None,
         text_embeddings: bool = False,
+        buckets: Sequence[Bucket] | None = None,
+        latent_factor: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -474,7 +586,10 @@ class ValStream(IterableDataset):
         self.retries = retries
         self.options = DecodeOptions(resolution=resolution, caption_key=caption_key,
                                      background=tuple(background), min_size=min_size, latents=latents,
-                                     caption_json_key=caption_json_key, text_embeddings=text_embeddings)
+                                     caption_json_key=caption_json_key, text_embeddings=text_embeddings,
+                                     bucketed=buckets is not None)
+        self.buckets = [tuple(b) for b in buckets] if buckets is not None else None
+        self.latent_factor = latent_factor
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = consumer(self.rank, self.world_size)
@@ -482,6 +597,11 @@ class ValStream(IterableDataset):
         stats = Counters()
         keep = self.options.keeps()
         decoder = _Decoder(self.options, stats, None)
+        raw = chain.from_iterable(read_samples(url, keep, stride=stride, offset=offset, retries=self.retries)
+                                  for url in urls)
+        if self.buckets is not None:
+            yield from self._bucketed(raw, decoder)
+            return
         batch: list[dict[str, Any]] = []
         for url in urls:
             for sample in read_samples(url, keep, stride=stride, offset=offset, retries=self.retries):
@@ -494,3 +614,29 @@ class ValStream(IterableDataset):
                     batch = []
         if batch:
             yield collate(batch, _public(stats.take()))
+
+    def _bucketed(self, raw: Iterable[Sample], decoder: _Decoder) -> Iterator[dict[str, Any]]:
+        """Batches of one bucket each, in the order they fill; then every partial bucket, in bucket order."""
+        bucketer = Bucketer(self.buckets or [], self.batch_size, self.latent_factor)
+
+        def emit(bucket: int, samples: list[Sample]) -> dict[str, Any] | None:
+            size = bucketer.buckets[bucket]
+            examples = [e for e in (decoder(s, size) for s in samples) if e is not None]
+            if not examples:
+                return None
+            batch = collate(examples, _public(decoder.stats.take()))
+            batch["data_stats"][bucket_name(size)] = len(examples)
+            return batch
+
+        def bad(sample: Sample) -> None:
+            decoder.stats["samples"] += 1
+            decoder.stats["skipped"] += 1
+
+        for bucket, samples in bucketer.batches(raw, bad):
+            batch = emit(bucket, samples)
+            if batch is not None:
+                yield batch
+        for bucket, samples in enumerate(bucketer.queues):
+            batch = emit(bucket, samples) if samples else None
+            if batch is not None:
+                yield batch

@@ -74,18 +74,29 @@ def size_range(resolution: int) -> tuple[int, int]:
     return lo, hi
 
 
-def render(rng: random.Random, resolution: int = 32) -> tuple[Image.Image, dict[str, Any]]:
-    """Draw one random sample; returns the image and its attributes (x, y: top-left of the shape's box)."""
+def canvas_size(rng: random.Random, resolution: int, max_ratio: float) -> tuple[int, int]:
+    """(width, height) of about resolution**2 pixels, log-uniform aspect ratio within 1/max_ratio..max_ratio."""
+    ratio = math.exp(rng.uniform(-math.log(max_ratio), math.log(max_ratio)))
+    return max(4, round(resolution * math.sqrt(ratio))), max(4, round(resolution / math.sqrt(ratio)))
+
+
+def render(rng: random.Random, resolution: int = 32,
+           size_wh: tuple[int, int] | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """Draw one random sample; returns the image and its attributes (x, y: top-left of the shape's box).
+
+    `size_wh` (width, height) draws a non-square canvas; the shape's size follows its shorter side.
+    """
     if resolution < 4:
         raise ValueError(f"resolution must be at least 4, got {resolution}")
+    width, height = size_wh or (resolution, resolution)
     color = rng.choice(COLORS)
     background = rng.choice([c for c in COLORS if c != color])
     shape = rng.choice(SHAPES)
-    size = rng.randint(*size_range(resolution))
-    x = rng.randint(0, resolution - size)
-    y = rng.randint(0, resolution - size)
+    size = rng.randint(*size_range(min(width, height)))
+    x = rng.randint(0, width - size)
+    y = rng.randint(0, height - size)
 
-    image = Image.new("RGB", (resolution, resolution), PALETTE[background])
+    image = Image.new("RGB", (width, height), PALETTE[background])
     draw = ImageDraw.Draw(image)
     box = (x, y, x + size - 1, y + size - 1)  # inclusive pixel corners
     fill = PALETTE[color]
@@ -104,9 +115,11 @@ def render(rng: random.Random, resolution: int = 32) -> tuple[Image.Image, dict[
         "x": x,
         "y": y,
         "caption": make_caption(color, shape, background),
-        "width": resolution,
-        "height": resolution,
+        "width": width,
+        "height": height,
     }
+    if size_wh is not None:  # as img2dataset --resize_mode keep_ratio records it (nothing was resized here)
+        meta.update(original_width=width, original_height=height)
     return image, meta
 
 
@@ -160,7 +173,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_split(out_dir: Path, num: int, resolution: int, rng: random.Random, shard_size: int) -> list[dict]:
+def _write_split(out_dir: Path, num: int, resolution: int, rng: random.Random, shard_size: int,
+                 max_ratio: float | None = None) -> list[dict]:
     """Write one split's shards; returns [{"path" (relative to the data set root), "num_samples"}]."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.tar"):  # a smaller rewrite must not leave old shards behind
@@ -171,7 +185,8 @@ def _write_split(out_dir: Path, num: int, resolution: int, rng: random.Random, s
         count = min(shard_size, num - start)
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, start + count):
-                image, meta = render(rng, resolution)
+                size_wh = canvas_size(rng, resolution, max_ratio) if max_ratio else None
+                image, meta = render(rng, resolution, size_wh)
                 key = f"{index:09d}"
                 meta["key"] = key
                 png = io.BytesIO()
@@ -190,6 +205,7 @@ def write_shapes(
     resolution: int = 32,
     seed: int = 0,
     shard_size: int = 1000,
+    max_ratio: float | None = None,
 ) -> dict[str, Any]:
     """Write train/ and val/ shards plus info.json (parameters and per-shard counts) under `out`.
 
@@ -202,11 +218,13 @@ def write_shapes(
         raise ValueError(f"sample counts must be >= 0, got num_train={num_train}, num_val={num_val}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_ratio is not None and max_ratio < 1.0:
+        raise ValueError(f"--max-ratio must be >= 1, got {max_ratio}")
     out = Path(out)
     splits = {}
     for split, num in (("train", num_train), ("val", num_val)):
         rng = random.Random(f"shapes:{seed}:{split}")
-        shards = _write_split(out / split, num, resolution, rng, shard_size)
+        shards = _write_split(out / split, num, resolution, rng, shard_size, max_ratio)
         splits[split] = {"num_samples": num, "shards": shards}
     info = {
         "dataset": "shapes",
@@ -215,6 +233,8 @@ def write_shapes(
         "shard_size": shard_size,
         "splits": splits,
     }
+    if max_ratio:
+        info["max_ratio"] = max_ratio
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return {
         **info,
@@ -233,9 +253,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=2000, help="samples per .tar shard")
+    parser.add_argument("--max-ratio", type=float, default=None,
+                        help="non-square images (about resolution**2 pixels, aspect ratio within 1/R..R), with "
+                             "img2dataset keep_ratio's json width/height/original_*; for data.buckets")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    info = write_shapes(args.out, args.num, args.num_val, args.resolution, args.seed, args.shard_size)
+    info = write_shapes(args.out, args.num, args.num_val, args.resolution, args.seed, args.shard_size,
+                        args.max_ratio)
     elapsed = time.perf_counter() - start
     for split, entry in info["splits"].items():
         print(

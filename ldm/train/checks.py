@@ -20,6 +20,16 @@ def check_autoencoder_resolution(resolution: int, ch_mult: list[int]) -> None:
                           f"factor {factor} (model.autoencoder.ch_mult={list(ch_mult)})")
 
 
+def check_buckets(cfg: Any, factor: int, what: str) -> None:
+    """data.buckets must parse, and every bucket side be a multiple of `factor` (named by `what`)."""
+    from ldm.data.buckets import check_bucket_factor, parse_buckets
+
+    try:
+        check_bucket_factor(parse_buckets(cfg.data.get("buckets"), int(cfg.data.resolution)), factor, what)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
     module = cfg.stage.module
     if module.prediction_type not in PREDICTION_TYPES:
@@ -50,6 +60,8 @@ def check_ldm(cfg: Any, autoencoder_config: dict[str, Any]) -> None:
     if latent % unet_factor:
         raise ConfigError(f"latent size {latent} is not divisible by the UNet's downsampling factor {unet_factor} "
                           f"(model.unet.channel_mult={list(cfg.model.unet.channel_mult)})")
+    ae_factor = 2 ** (len(autoencoder_config["ch_mult"]) - 1)
+    check_buckets(cfg, ae_factor * unet_factor, f"autoencoder factor {ae_factor} x UNet downsampling {unet_factor}")
 
 
 def resolve_autoencoder_path(cfg: Any) -> Path:

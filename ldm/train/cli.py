@@ -21,7 +21,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ldm.checkpoints.files import RefusedFileError, load_torch_file
 from ldm.train.checkpoint_io import AtomicCheckpointIO
-from ldm.train.checks import ConfigError, check_autoencoder_resolution, check_ldm, resolve_autoencoder_path
+from ldm.train.checks import (
+    ConfigError,
+    check_autoencoder_resolution,
+    check_buckets,
+    check_ldm,
+    resolve_autoencoder_path,
+)
 from ldm.train.ddp import pin_run_dir_for_children
 from ldm.train.faults import (
     NonFiniteLossError,
@@ -31,7 +37,7 @@ from ldm.train.faults import (
 )
 from ldm.train.fsdp import module_for_export
 from ldm.train.loggers import make_logger
-from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf
+from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf, compile_per_shape
 from ldm.train.preemption import PreemptionCheckpoint
 from ldm.train.progress import LossProgressBar
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
@@ -136,6 +142,8 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             raise ConfigError("trainer=fsdp shards stage=ldm's UNet; stage=vae trains on every rank whole: "
                               "use trainer=ddp")
         check_autoencoder_resolution(cfg.data.resolution, cfg.model.autoencoder.ch_mult)
+        factor = 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
+        check_buckets(cfg, factor, f"autoencoder factor {factor}")
         extra = {"score_shapes": cfg.data.get("name") == "shapes"}
         if cfg.trainer.get("gradient_clip_val") and not cfg.stage.module.get("grad_clip"):
             extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
@@ -310,6 +318,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                           "in the training step (it is kept for validation sampling and exports)")
             except ValueError as err:
                 raise ConfigError(str(err)) from err
+    buckets = getattr(datamodule, "bucket_list", lambda: None)()
+    if perf.get("compile") and buckets:
+        print(f"[ldm] perf: {', '.join(compile_per_shape(len(buckets)))}")
     logger = make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
                          run_name=f"{cfg.stage.name}-{run_dir.name}", resume_from=resume)
     if logger is not None:

@@ -95,3 +95,19 @@ def apply_model_perf(module: nn.Module, perf: Mapping[str, Any]) -> list[str]:
             target.compile(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
             done.append(f"compile {name} ({backend}, {mode})")
     return done
+
+
+def compile_per_shape(num_shapes: int) -> list[str]:
+    """Aspect buckets under torch.compile: one static graph per bucket shape, and loud if that runs out.
+
+    Dynamo would otherwise turn the sizes dynamic at the second shape (one slower symbolic graph), or,
+    once a code object has recompiled `recompile_limit` times (8), silently run it eager. Each bucket
+    needs a training graph and up to two validation graphs (no-grad, full and partial last batch).
+    """
+    config = torch._dynamo.config
+    limit = 4 * num_shapes + 8
+    config.automatic_dynamic_shapes = False
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
+    config.fail_on_recompile_limit_hit = True  # an error naming the limit, never a silent fall back to eager
+    return [f"static graph per bucket shape ({num_shapes} buckets, recompile_limit {config.recompile_limit})"]
