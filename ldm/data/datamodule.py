@@ -339,7 +339,7 @@ class ShardDataModule(pl.LightningDataModule):
             plan, per_rank = train_set.epoch_plan(epoch)
             state["plan"], state["plan_batches"] = resume.runs_tensor(plan), per_rank
         else:
-            state["plan_batches"] = train_set._start(epoch, 0, 0, 1)[0]
+            state["plan_batches"] = train_set.batches_per_rank(epoch)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

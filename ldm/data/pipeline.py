@@ -350,6 +350,12 @@ class TrainStream(IterableDataset):
             return self._continue["plan"], self._continue["per_rank"]
         return [(0, sum(self.counts))], self.num_batches
 
+    def batches_per_rank(self, epoch: int) -> int:
+        """Batches each rank yields in epoch `epoch` counted from its start (a resumed one may have fewer)."""
+        if self._continue is not None and self._continue["epoch"] == epoch:
+            return self._continue["per_rank"]
+        return self.num_batches
+
     def _start(self, epoch: int, index: int, worker: int, num_workers: int) -> tuple[int, int, int]:
         """(batches per rank this epoch, raw samples to skip, batches already delivered) for one consumer."""
         if self._continue is not None and self._continue["epoch"] == epoch:
