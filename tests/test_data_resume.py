@@ -168,17 +168,15 @@ def test_coverage_drops_lines_a_resume_redid() -> None:
 
 
 def test_resampled_mode_says_what_it_does(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import pytorch_lightning as pl
-
-    from ldm.data.datamodule import ShardDataModule
-    from tests.conftest import TinyImageModule
-
+    """One start-up line on what the mode does; on another worker count, the epoch's rest from fresh streams."""
     write_shards(tmp_path / "s")
     caplog.set_level(logging.INFO, logger="ldm.data.datamodule")
-    data = ShardDataModule(train_shards=str(tmp_path / "s"), val_shards=None, resolution=8, batch_size=4,
-                           num_workers=1, mode="resampled", epoch_length=4)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
-    trainer.fit(TinyImageModule(), datamodule=data)
+    resampled = {"devices": 1, "mode": "resampled", "epoch_length": 6}
+    _fit_part({"root": str(tmp_path), **resampled, "workers": 1, "max_steps": 2, "every": 2})
     lines = [r.getMessage() for r in caplog.records if "data.mode=resampled" in r.getMessage()]
     assert len(lines) == 1 and "does not use each sample once" in lines[0]
+    caplog.clear()
+    _fit_part({"root": str(tmp_path), **resampled, "workers": 2, "every": 100, "ckpt": "epoch=0-step=2.ckpt"})
+    lines = [r.getMessage() for r in caplog.records if "data.mode=resampled" in r.getMessage()]
+    assert len(lines) == 2 and "the rest of epoch 0 (4 batches per rank) comes from fresh streams" in lines[1]
+    assert _report(tmp_path)[0]["batches_per_rank"] == {0: 6}
