@@ -16,7 +16,10 @@ every consumer knows up front exactly how many batches it yields in an epoch:
 
 Fewer shards than consumers works in both modes (consumers share shards by
 sample ranges or strides). A stream is a function of (seed, epoch, rank,
-worker), so a restart can skip what an interrupted epoch already consumed.
+worker), so a restart can skip what an interrupted epoch already consumed. A
+finite sample carries `__pos__`, its position in the epoch's global order, and
+every batch its consumer's `data_position` (cursor and held samples), from which
+a checkpoint resumes the epoch on another layout (ldm.data.resume).
 Samples that fail to decode are skipped and counted; in finite mode a short
 part is padded with repeats of its last samples (counted too) so the batch
 count never changes. Counts travel with each batch under "data_stats".

@@ -62,7 +62,10 @@ def shuffle_rng(seed: int, epoch: int, index: int, count: int) -> random.Random:
 
 
 def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
-    """Batches worker `worker` yields out of a rank's `num_batches`: the first ones take one more."""
+    """Batches worker `worker` yields out of a rank's `num_batches`: the first ones take one more.
+
+    The DataLoader asks its workers in turn, so batch j of the rank comes from worker j % num_workers.
+    """
     return num_batches // num_workers + (worker < num_batches % num_workers)
 
 
