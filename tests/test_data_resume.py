@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ldm.checkpoints.files import load_torch_file
 from ldm.data import resume
 from ldm.data.coverage import coverage, effective, read_log, shard_keys
 from ldm.data.pipeline import shuffled
@@ -73,6 +74,10 @@ def test_resume_two_ranks_on_one(tmp_path: Path) -> None:
     """2 ranks x 2 workers stop at step 2; 1 rank x 2 workers (another buffer) finishes the epoch and one more."""
     write_shards(tmp_path / "s")
     _part(tmp_path, devices=2, workers=2, max_steps=2, every=2)
+    state = load_torch_file(tmp_path / "ckpt" / "epoch=0-step=2.ckpt")["ShardDataModule"]
+    # gathered from both ranks: each of the 4 workers delivered one batch of 4, nothing held
+    assert state["cursors"] == [4, 4, 4, 4] and state["consumed_batches"] == [1, 1, 1, 1]
+    assert state["held"] == [[], [], [], []] and state["plan"].tolist() == [[0, 52]]
     _part(tmp_path, devices=1, workers=2, buffer=5, every=100, max_epochs=2, ckpt="epoch=0-step=2.ckpt")
     report = _report(tmp_path)
     # 16 used before the stop, 36 left: 9 batches of 4 on one rank, nothing dropped
