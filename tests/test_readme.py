@@ -43,6 +43,9 @@ SKIP = {
     "slurm/local_cluster.sh": "cluster: root and apt-get; tests/test_slurm.py starts and stops it",
     "python train.py -m hydra/launcher=slurm": "cluster: tests/test_slurm.py runs a sweep through the launcher",
     "python train.py stage=ldm trainer=gpu": "GPU",
+    "python train.py stage=vae trainer=ddp trainer.devices=8": "8 then 4 GPUs; tests/test_data_resume.py resumes "
+        "2 CPU ranks on 1, 1 on 3 and 2 -> 3 -> 1 with workers and checks the keys logs",
+    "python train.py stage=vae trainer=ddp trainer.devices=4": "GPUs (see the line above)",
     "tensorboard --logdir": "a server that runs until stopped",
     '.to("cuda")': "GPU; tests/test_pipeline_compat.py runs the same from_pretrained and pipeline call on the CPU",
     'from_pretrained("exports/ldm/diffusers")':

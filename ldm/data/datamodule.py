@@ -11,9 +11,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data import resume
 from ldm.data.buckets import Bucket, bucket_name, parse_buckets
 from ldm.data.callbacks import DataStatsCallback
 from ldm.data.captions import caption_keys
+from ldm.data.consumed import ConsumedCallback
 from ldm.data.decode import DecodeOptions
 from ldm.data.latents import check_latents, latents_folder, latents_info
 from ldm.data.pipeline import (
@@ -25,6 +27,7 @@ from ldm.data.pipeline import (
     expand_shards,
     expand_sources,
     shard_counts,
+    shuffled,
 )
 from ldm.data.text_embeddings import has_text_embeddings, load_empty_context
 from ldm.train.signals import ignore_job_signals
@@ -85,6 +88,7 @@ class ShardDataModule(pl.LightningDataModule):
         caption_json_key: str | None = None,
         text_embeddings: bool | None = None,
         buckets: Any = None,
+        consumed_log: str | None = None,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -117,7 +121,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.buckets_spec = buckets
         self.buckets: list[Bucket] | None = None  # resolved by _check_values (latent shards: from latents.json)
         self.latent_factor: int | None = None
+        self.consumed_log = consumed_log
         self._resume_state: dict[str, Any] | None = None
+        self._progress_start: int | None = None  # Lightning batch index the resumed epoch starts at
+        self._starts: tuple[int, dict[int, tuple[int, int]]] | None = None  # (epoch, {consumer: (cursor, batches)})
         self.train_set: TrainStream | None = None
         self.val_set: ValStream | None = None
         self._check_values()  # fail at start-up, before a trainer holds devices
@@ -322,9 +329,14 @@ class ShardDataModule(pl.LightningDataModule):
         )
 
     def _add_stats_callback(self) -> None:
-        """Give the trainer a DataStatsCallback (before the checkpoint callbacks) unless it has one."""
+        """Give the trainer a DataStatsCallback (before the checkpoint callbacks) and a ConsumedCallback (first)."""
         trainer = self.trainer
-        if trainer is None or any(isinstance(c, DataStatsCallback) for c in trainer.callbacks):
+        if trainer is None:
+            return
+        if not any(isinstance(c, ConsumedCallback) for c in trainer.callbacks):
+            # first: every other callback that saves at a batch end must see this batch's position recorded
+            trainer.callbacks.insert(0, ConsumedCallback(self.consumed_log))
+        if any(isinstance(c, DataStatsCallback) for c in trainer.callbacks):
             return
         position = next((i for i, c in enumerate(trainer.callbacks)
                          if isinstance(c, pl.callbacks.Checkpoint)), len(trainer.callbacks))
@@ -332,24 +344,156 @@ class ShardDataModule(pl.LightningDataModule):
         trainer.callbacks.insert(position, DataStatsCallback(max_skip_fraction=self.max_skip_fraction,
                                                              buckets=names))
 
-    def _resume_key(self) -> dict[str, Any]:
-        """What must be unchanged for a saved mid-epoch position to mean the same samples."""
+    def _layout(self) -> resume.Layout:
         _, world_size = self._rank_world()
-        return {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size,
-                "num_workers": self.num_workers, "world_size": world_size,
-                "shuffle_buffer": self.shuffle_buffer,
+        return resume.Layout(world_size=world_size, num_workers=self.num_workers, batch_size=self.batch_size,
+                             shuffle_buffer=self.shuffle_buffer)
+
+    def _resume_key(self) -> dict[str, Any]:
+        """What must be unchanged for a saved mid-epoch position to mean the same samples on the same layout."""
+        return {"mode": self.mode, "seed": self.seed, **self._layout().as_dict(),
                 "buckets": [list(b) for b in self.buckets] if self.buckets else None}
 
+    def start_positions(self, epoch: int) -> dict[int, list[Any]]:
+        """[cursor, batches, held] each consumer of this rank starts epoch `epoch` at (ConsumedCallback's reset)."""
+        rank, _ = self._rank_world()
+        workers = self._layout().workers
+        starts = self._starts[1] if self._starts is not None and self._starts[0] == epoch else {}
+        return {c: [*starts.get(c, (0, 0)), []] for c in range(rank * workers, (rank + 1) * workers)}
+
+    def _consumed(self) -> ConsumedCallback | None:
+        trainer = self.trainer
+        return next((c for c in trainer.callbacks if isinstance(c, ConsumedCallback)), None) if trainer else None
+
+    def _gather(self, local: dict[int, list[Any]]) -> dict[int, list[Any]]:
+        """Every rank's consumer positions, on every rank: one padded all_gather of int64 on the root device."""
+        flat: list[int] = []
+        for c, (cursor, batches, held) in sorted(local.items()):
+            flat += [c, cursor, batches, len(held), *held]
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            strategy = trainer.strategy
+            device = strategy.root_device
+            sizes = strategy.all_gather(torch.tensor([len(flat)], dtype=torch.int64, device=device)).reshape(-1)
+            size = int(sizes.max())  # checkpoint time, not the training step
+            padded = torch.full((size,), -1, dtype=torch.int64, device=device)
+            padded[: len(flat)] = torch.tensor(flat, dtype=torch.int64, device=device)
+            rows = strategy.all_gather(padded).reshape(len(sizes), size).cpu().tolist()
+            flat = [v for row, n in zip(rows, sizes.cpu().tolist(), strict=True) for v in row[:n]]
+        out: dict[int, list[Any]] = {}
+        i = 0
+        while i < len(flat):
+            c, cursor, batches, n = flat[i : i + 4]
+            out[c] = [cursor, batches, flat[i + 4 : i + 4 + n]]
+            i += 4 + n
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """The training position (epoch, batches consumed this epoch on each rank), saved in checkpoints."""
+        """The training position, saved in checkpoints: on every rank at the same step (it gathers).
+
+        epoch and batches (Lightning's count this epoch), the layout, and in finite mode the
+        epoch's plan (runs of global positions), its batches per rank and every consumer's
+        cursor, trained batches and held positions.
+        """
         if self.trainer is None:
             return {}
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.processed, **self._resume_key()}
+        epoch = self.trainer.current_epoch
+        state: dict[str, Any] = {"epoch": epoch, "batches": progress.processed, **self._resume_key()}
+        consumed, train_set = self._consumed(), self.train_set
+        if consumed is None or train_set is None:
+            return state
+        positions = self._gather(consumed.positions)
+        count = self._layout().consumers
+        state["num_batches"] = len(train_set)
+        state["cursors"] = [positions.get(c, [0, 0, []])[0] for c in range(count)]
+        state["consumed_batches"] = [positions.get(c, [0, 0, []])[1] for c in range(count)]
+        state["held"] = [positions.get(c, [0, 0, []])[2] for c in range(count)]
+        if self.mode == "finite":
+            plan, per_rank = train_set.epoch_plan(epoch)
+            state["plan"], state["plan_batches"] = resume.runs_tensor(plan), per_rank
+        else:
+            state["plan_batches"] = train_set.batches_per_rank(epoch)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the saved position; train_dataloader() makes the stream skip what was consumed."""
+        """Remember the saved position; train_dataloader() makes the stream go on from it."""
         self._resume_state = dict(state_dict) if state_dict else None
+
+    def align_progress(self) -> None:
+        """Make Lightning's restored batch count end the resumed epoch after exactly the batches it has left.
+
+        Lightning counts the interrupted epoch in the old layout's batches and ends it when that count
+        reaches len(loader); the new layout has its own length and remainder, so the count moves to
+        len(loader) - remaining (ConsumedCallback calls this in on_train_start, after loops are restored).
+        """
+        if self._progress_start is None or self.trainer is None:
+            return
+        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        shift = self._progress_start - current.processed
+        current.ready += shift
+        current.started += shift
+        current.processed += shift
+        current.completed += shift
+        self._progress_start = None
+
+    def _plan_resume(self, state: dict[str, Any]) -> None:
+        """Set up the stream (and the Lightning count) to go on from a saved mid-epoch position."""
+        train_set = self.train_set
+        assert train_set is not None and self.trainer is not None
+        epoch = self.trainer.current_epoch
+        num_batches = int(state.get("num_batches", len(train_set)))
+        if state.get("epoch") != epoch or not 0 < state["batches"] < num_batches:
+            return  # saved at an epoch's end: the next one starts fresh
+        rank, _ = self._rank_world()
+        same = {k: state.get(k) for k in self._resume_key()} == self._resume_key()
+        if state.get("mode") != self.mode or state.get("seed") != self.seed or (
+                "cursors" not in state and not same):
+            log.warning("data settings changed since the checkpoint (%s -> %s): the interrupted "
+                        "epoch restarts from its beginning", {k: state.get(k) for k in self._resume_key()},
+                        self._resume_key())
+            return
+        if "cursors" not in state:  # a checkpoint from before positions were saved
+            train_set.resume_at(state["epoch"], state["batches"])
+            return
+        held = [list(h) for h in state["held"]]
+        if same and not any(held):  # every consumer skips its cursor, undecoded, and goes on
+            plan = resume.tensor_runs(state["plan"]) if "plan" in state else None
+            starts = {c: (int(cur), int(done)) for c, (cur, done)
+                      in enumerate(zip(state["cursors"], state["consumed_batches"], strict=True))}
+            self._continue(epoch, plan, int(state["plan_batches"]), starts, num_batches - state["batches"])
+            return
+        new = self._layout()
+        if self.mode == "resampled":
+            left = len(train_set) - round(state["batches"] / num_batches * len(train_set))
+            self._continue(epoch, None, left, {}, left)
+            if rank == 0:
+                log.info("data.mode=resampled, resumed on another layout: the rest of epoch %d (%d batches per "
+                         "rank) comes from fresh streams of the new layout", epoch, left)
+            return
+        old = resume.Layout(world_size=state["world_size"], num_workers=state["num_workers"],
+                            batch_size=state["batch_size"], shuffle_buffer=state["shuffle_buffer"])
+
+        def order(c: int, positions: list[int]) -> list[int]:
+            rng = resume.shuffle_rng(self.seed, epoch, c, old.consumers)
+            return list(shuffled(positions, old.shuffle_buffer, rng))
+
+        left = resume.pending(resume.tensor_runs(state["plan"]), int(state["plan_batches"]), old,
+                              [int(c) for c in state["cursors"]], held, order)
+        plan, per_rank, dropped = resume.replan(left, new)
+        self._continue(epoch, plan, per_rank, {}, per_rank)
+        if rank == 0:
+            log.info("resumed epoch %d on %d rank(s) x %d worker(s), batch %d (saved on %d x %d, batch %d): "
+                     "%d samples of it left, %d batches per rank, %d dropped (fewer than one global batch)",
+                     epoch, new.world_size, new.workers, new.batch_size, old.world_size, old.workers,
+                     old.batch_size, len(left), per_rank, dropped)
+
+    def _continue(self, epoch: int, plan: resume.Runs | None, per_rank: int,
+                  starts: dict[int, tuple[int, int]], remaining: int) -> None:
+        assert self.train_set is not None
+        self.train_set.continue_epoch(epoch, plan=plan, per_rank=per_rank, starts=starts)
+        self._starts = (epoch, starts)
+        self._progress_start = len(self.train_set) - remaining
 
     def train_dataloader(self) -> DataLoader:
         """Exactly len(train_set) batches per epoch on this rank, starting at the trainer's epoch."""
@@ -358,14 +502,13 @@ class ShardDataModule(pl.LightningDataModule):
         assert self.train_set is not None
         if self.trainer is not None:
             self.train_set.set_epoch(self.trainer.current_epoch)
-        state = self._resume_state
-        if state:
-            key = {k: state.get(k) for k in self._resume_key()}
-            if key != self._resume_key():
-                log.warning("data settings changed since the checkpoint (%s -> %s): the interrupted "
-                            "epoch restarts from its beginning", key, self._resume_key())
-            elif 0 < state["batches"] < len(self.train_set):
-                self.train_set.resume_at(state["epoch"], state["batches"])
+            if self.mode == "resampled" and self.trainer.global_rank == 0:
+                log.info("data.mode=resampled draws samples with repeats, so an epoch does not use each sample "
+                         "once; a mid-epoch resume on the same ranks, workers, batch size and buffer goes on "
+                         "where every stream stopped, on another layout the rest of the epoch comes from fresh "
+                         "streams of the new layout")
+        if self._resume_state and self.trainer is not None:
+            self._plan_resume(self._resume_state)
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader | list:

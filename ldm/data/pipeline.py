@@ -16,7 +16,10 @@ every consumer knows up front exactly how many batches it yields in an epoch:
 
 Fewer shards than consumers works in both modes (consumers share shards by
 sample ranges or strides). A stream is a function of (seed, epoch, rank,
-worker), so a restart can skip what an interrupted epoch already consumed.
+worker), so a restart can skip what an interrupted epoch already consumed. A
+finite sample carries `__pos__`, its position in the epoch's global order, and
+every batch its consumer's `data_position` (cursor and held samples), from which
+a checkpoint resumes the epoch on another layout (ldm.data.resume).
 Samples that fail to decode are skipped and counted; in finite mode a short
 part is padded with repeats of its last samples (counted too) so the batch
 count never changes. Counts travel with each batch under "data_stats".
@@ -27,7 +30,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
@@ -36,6 +39,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.buckets import Bucket, Bucketer, bucket_name
 from ldm.data.decode import STAT_KEYS, DecodeOptions, Filtered, decode_sample
+from ldm.data.resume import (  # noqa: F401 (worker_share re-exported: tests import it from here)
+    Runs,
+    consumer_slice,
+    shard_order,
+    shard_pieces,
+    shuffle_rng,
+    take,
+    worker_share,
+)
 from ldm.data.shards import (  # noqa: F401 (re-exported: the data module and tests import them from here)
     IMAGE_EXTENSIONS,
     Sample,
@@ -69,14 +81,6 @@ def consumer(rank: int, world_size: int) -> tuple[int, int]:
     return rank * num_workers + worker, world_size * num_workers
 
 
-def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
-    """Batches worker `worker` yields out of a rank's `num_batches`: the first ones take one more.
-
-    The DataLoader asks its workers in turn, so batch j of the rank comes from worker j % num_workers.
-    """
-    return num_batches // num_workers + (worker < num_batches % num_workers)
-
-
 def finite_batches(total_samples: int, world_size: int, batch_size: int) -> int:
     """Batches per rank per epoch in finite mode: every rank the same, fewer than a global batch left out."""
     return total_samples // (world_size * batch_size)
@@ -93,25 +97,16 @@ def finite_parts(
     num_workers: int,
     batch_size: int,
 ) -> list[tuple[int, int, int]]:
-    """(shard index, start, stop) sample ranges that one consumer reads in one finite epoch.
+    """(shard index, start, stop) sample ranges that one consumer reads in one fresh finite epoch.
 
     Shards are laid end to end in an order drawn from (seed, epoch); rank r, worker w
     takes the contiguous range after the ranges of earlier ranks and workers. The
     ranges are disjoint and hold exactly worker_share(...) * batch_size samples.
     """
-    order = list(range(len(counts)))
-    random.Random(f"finite:{seed}:{epoch}").shuffle(order)
     per_rank = finite_batches(sum(counts), world_size, batch_size)
-    before = sum(worker_share(per_rank, w, num_workers) for w in range(worker))
-    start = (rank * per_rank + before) * batch_size
-    stop = start + worker_share(per_rank, worker, num_workers) * batch_size
-    parts, position = [], 0
-    for shard in order:
-        lo, hi = max(position, start), min(position + counts[shard], stop)
-        if lo < hi:
-            parts.append((shard, lo - position, hi - position))
-        position += counts[shard]
-    return parts
+    start, stop = consumer_slice(per_rank, rank, worker, num_workers, batch_size)
+    return [(shard, lo, hi) for shard, lo, hi, _ in
+            shard_pieces([(start, stop)], counts, shard_order(len(counts), seed, epoch))]
 
 
 def assign_shards(urls: Sequence[str], index: int, count: int) -> tuple[list[str], int, int]:
@@ -340,7 +335,7 @@ def bucket_batches(
         previous = (bucket, samples)
         if formed <= skip:
             continue
-        yield decode(bucket, samples)
+        yield _with_held(decode(bucket, samples), bucketer)
         produced += 1
         if produced == num_batches:
             return
@@ -360,10 +355,16 @@ def bucket_batches(
             stats["dropped"] += dropped
         if formed + index < skip:
             continue
-        yield decode(bucket, samples)
+        yield _with_held(decode(bucket, samples), bucketer)
         produced += 1
         if produced == num_batches:
             return
+
+
+def _with_held(batch: dict[str, Any], bucketer: Bucketer) -> dict[str, Any]:
+    """The samples still queued in the buckets: pulled, not yet batched (the data position's "held")."""
+    batch["data_position"] = {"held": bucketer.held()}
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +451,8 @@ class TrainStream(IterableDataset):
         self.epoch = 0
         self._iterations = 0
         self._resume: tuple[int, int] | None = None
+        # a resumed epoch: {"epoch", "plan": runs, "per_rank": batches, "starts": {consumer: (cursor, batches)}}
+        self._continue: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self.num_batches
@@ -463,6 +466,34 @@ class TrainStream(IterableDataset):
         """Epoch `epoch` yields only what follows its first `batches` batches on this rank."""
         self._resume = (int(epoch), int(batches))
 
+    def continue_epoch(self, epoch: int, *, plan: Runs | None, per_rank: int,
+                       starts: dict[int, tuple[int, int]]) -> None:
+        """Epoch `epoch` deals `per_rank` batches per rank from `plan` (None: the fresh plan).
+
+        starts[consumer] = (cursor, batches): raw samples it skips undecoded and batches it no longer yields.
+        """
+        self._continue = {"epoch": int(epoch), "plan": plan, "per_rank": int(per_rank), "starts": dict(starts)}
+
+    def epoch_plan(self, epoch: int) -> tuple[Runs, int]:
+        """(plan runs, batches per rank dealt from it) of epoch `epoch` (finite mode)."""
+        if self._continue is not None and self._continue["epoch"] == epoch and self._continue["plan"] is not None:
+            return self._continue["plan"], self._continue["per_rank"]
+        return [(0, sum(self.counts))], self.num_batches
+
+    def batches_per_rank(self, epoch: int) -> int:
+        """Batches each rank yields in epoch `epoch` counted from its start (a resumed one may have fewer)."""
+        if self._continue is not None and self._continue["epoch"] == epoch:
+            return self._continue["per_rank"]
+        return self.num_batches
+
+    def _start(self, epoch: int, index: int, worker: int, num_workers: int) -> tuple[int, int, int]:
+        """(batches per rank this epoch, raw samples to skip, batches already delivered) for one consumer."""
+        if self._continue is not None and self._continue["epoch"] == epoch:
+            cursor, done = self._continue["starts"].get(index, (0, 0))
+            return self._continue["per_rank"], cursor, done
+        skip = self._skip(epoch, worker, num_workers)
+        return self.num_batches, skip * self.batch_size, skip
+
     def _skip(self, epoch: int, worker: int, num_workers: int) -> int:
         """Batches this worker already delivered in an interrupted epoch (batch j came from worker j % W)."""
         if self._resume is None or self._resume[0] != epoch:
@@ -470,25 +501,42 @@ class TrainStream(IterableDataset):
         consumed = min(self._resume[1], self.num_batches)
         return consumed // num_workers + (worker < consumed % num_workers)
 
-    def _raw(self, epoch: int, worker: int, num_workers: int, stats: Counters) -> Iterator[Sample]:
+    def _finite_raw(self, epoch: int, worker: int, num_workers: int, stats: Counters) -> Iterator[Sample]:
+        """This consumer's slice of the epoch's plan, in position order, each sample tagged with its __pos__."""
+        plan, per_rank = self.epoch_plan(epoch)
+        start, stop = consumer_slice(per_rank, self.rank, worker, num_workers, self.batch_size)
+        pieces = shard_pieces(take(plan, start, stop), self.counts, shard_order(len(self.counts), self.seed, epoch))
         keep = self.options.keeps()
+        i = 0
+        while i < len(pieces):  # one read per shard, keeping only the planned ranges of it
+            j = i
+            while j + 1 < len(pieces) and pieces[j + 1][0] == pieces[i][0]:
+                j += 1
+            shard, group = pieces[i][0], pieces[i : j + 1]
+            base = group[0][3] - group[0][1]  # position of the shard's sample 0
+            wanted = [(lo, hi) for _, lo, hi, _ in group]
+
+            def record(url: str, position: int, exn: Exception, wanted: list[tuple[int, int]] = wanted) -> None:
+                lost = sum(max(0, hi - max(lo, position)) for lo, hi in wanted)
+                stats["failed_shards"] += 1
+                stats["samples"] += lost
+                stats["skipped"] += lost
+
+            samples = read_samples(self.urls[shard], keep, start=wanted[0][0], stop=wanted[-1][1],
+                                   retries=self.retries, on_failure=record)
+            r = 0
+            for index, sample in enumerate(samples, start=wanted[0][0]):
+                while index >= wanted[r][1]:
+                    r += 1
+                if index >= wanted[r][0]:
+                    sample["__pos__"] = base + index
+                    yield sample
+            i = j + 1
+
+    def _raw(self, epoch: int, worker: int, num_workers: int, stats: Counters) -> Iterator[Sample]:
         if self.mode == "finite":
-            parts = finite_parts(self.counts, seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size, worker=worker, num_workers=num_workers,
-                                 batch_size=self.batch_size)
-
-            def lost(stop: int) -> Callable[[str, int, Exception], None]:
-                def record(url: str, position: int, exn: Exception) -> None:
-                    stats["failed_shards"] += 1
-                    stats["samples"] += max(0, stop - position)
-                    stats["skipped"] += max(0, stop - position)
-
-                return record
-
-            return chain.from_iterable(
-                read_samples(self.urls[i], keep, start=lo, stop=hi, retries=self.retries, on_failure=lost(hi))
-                for i, lo, hi in parts
-            )
+            return self._finite_raw(epoch, worker, num_workers, stats)
+        keep = self.options.keeps()
         index, count = self.rank * num_workers + worker, self.world_size * num_workers
 
         def failed(url: str, position: int, exn: Exception) -> None:
@@ -527,26 +575,45 @@ class TrainStream(IterableDataset):
         worker, num_workers = worker_info()
         epoch = self.epoch + self._iterations
         self._iterations += 1
-        share = worker_share(self.num_batches, worker, num_workers)
-        skip = self._skip(epoch, worker, num_workers)
         index = self.rank * num_workers + worker
+        per_rank, skip, done = self._start(epoch, index, worker, num_workers)
+        share = worker_share(per_rank, worker, num_workers)
         stats = Counters()
-        rng = random.Random(f"shuffle:{self.seed}:{epoch}:{index}:{self.world_size * num_workers}")
-        raw = shuffled(self._raw(epoch, worker, num_workers, stats), self.shuffle_buffer, rng)
+        rng = shuffle_rng(self.seed, epoch, index, self.world_size * num_workers)
+        raw = _Pulled(shuffled(self._raw(epoch, worker, num_workers, stats), self.shuffle_buffer, rng))
         bucketer = self.bucketer()
-        for _ in range(0 if bucketer else skip * self.batch_size):  # resume: drop what was consumed, undecoded
+        # resume: drop what was consumed, undecoded; bucketed streams re-form their delivered batches instead,
+        # so that the bucket queues come back as they were (the plan, and so the stream, is the same)
+        for _ in range(0 if bucketer else skip):
             if next(raw, None) is None:
                 break
         random_aug = self.options.crop == "random" or self.options.flip_p > 0
         decoder = _Decoder(self.options, stats, f"{self.seed}:{epoch}" if random_aug else None)
-        yield from make_batches(raw, decoder, batch_size=self.batch_size, num_batches=share - skip,
-                                pad=self.mode == "finite", bucketer=bucketer, skip=skip if bucketer else 0)
+        for batch in make_batches(raw, decoder, batch_size=self.batch_size, num_batches=share - done,
+                                  pad=self.mode == "finite", bucketer=bucketer, skip=done if bucketer else 0):
+            # read while the batcher waits at its yield: exactly what it has pulled for the batches so far
+            held = batch.get("data_position", {}).get("held", [])
+            batch["data_position"] = {"consumer": index, "cursor": raw.pulled, "held": list(held)}
+            yield batch
 
     def bucketer(self) -> Bucketer | None:
         """Fresh bucket queues for one epoch of one worker (None when unbucketed)."""
         if self.buckets is None:
             return None
         return Bucketer(self.buckets, self.batch_size, self.latent_factor)
+
+
+class _Pulled(Iterator[Sample]):
+    """Counts the samples taken out of the shuffle buffer: the consumer's cursor in its epoch."""
+
+    def __init__(self, samples: Iterator[Sample]) -> None:
+        self.samples = samples
+        self.pulled = 0
+
+    def __next__(self) -> Sample:
+        sample = next(self.samples)
+        self.pulled += 1
+        return sample
 
 
 class ValStream(IterableDataset):
