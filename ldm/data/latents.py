@@ -20,40 +20,26 @@ and stage=ldm then runs neither encoder in its training step.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import tarfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ldm.data.decode import MOMENTS_EXT
 from ldm.data.pipeline import ValStream
 from ldm.data.shards import ShardSpec, expand_shards, is_local
-from ldm.data.text_embeddings import CONTEXT_EXT, TextEmbedder, array_bytes, load_tower_config
+from ldm.data.text_embeddings import CONTEXT_EXT, TextEmbedder, array_bytes, load_tower_config, weights_digest
 
 INFO_NAME = "latents.json"
 
 
 def autoencoder_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the autoencoder's weights (names, shapes, float32 values): same weights, same digest."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def moments_to_bytes(moments: np.ndarray) -> bytes:
-    """An .npy file with no pickle in it."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(moments), allow_pickle=False)
-    return buffer.getvalue()
+    """SHA-256 over the autoencoder's weights: same weights, same digest."""
+    return weights_digest(model)
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -128,7 +114,7 @@ def encode_shards(
                 close()
                 shard_index, in_shard = (shard_index + 1 if tar is not None else 0), 0
                 tar = tarfile.open(out / f"{shard_index:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-            _member(tar, f"{key}.{MOMENTS_EXT}", moments_to_bytes(sample))
+            _member(tar, f"{key}.{MOMENTS_EXT}", array_bytes(sample))
             _member(tar, f"{key}.txt", caption.encode("utf-8"))
             if "captions" in batch:
                 _member(tar, f"{key}.json", json.dumps({"captions": several}).encode("utf-8"))

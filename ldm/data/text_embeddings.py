@@ -60,9 +60,14 @@ def tower_settings(encoder: nn.Module, config: dict[str, Any]) -> dict[str, Any]
 
 
 def tower_digest(encoder: nn.Module, settings: dict[str, Any]) -> str:
-    """SHA-256 over the settings and the weights (names, shapes, float32 values): same tower, same digest."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
+    """SHA-256 over the settings and the weights: same tower, same digest."""
+    return weights_digest(encoder, json.dumps(settings, sort_keys=True).encode())
+
+
+def weights_digest(model: nn.Module, prefix: bytes = b"") -> str:
+    """SHA-256 over `prefix` and the weights (names, shapes, float32 values): names latent shards' makers."""
+    digest = hashlib.sha256(prefix)
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
