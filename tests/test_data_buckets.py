@@ -385,7 +385,7 @@ def test_latents_keep_bucket_shapes_and_train_grouped_by_shape(tmp_path: Path) -
                         buckets=[[16, 16]]).setup("fit")
 
 
-def test_compile_makes_one_graph_per_bucket_shape_beyond_the_default_limit(monkeypatch) -> None:
+def test_compile_makes_one_graph_per_bucket_shape_beyond_the_default_limit() -> None:
     """12 shapes, more than dynamo's default recompile limit of 8: still 12 compiled graphs, none eager."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -393,9 +393,18 @@ def test_compile_makes_one_graph_per_bucket_shape_beyond_the_default_limit(monke
     from ldm.train.perf import compile_per_shape
 
     config = torch._dynamo.config
-    for name in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit",
-                 "fail_on_recompile_limit_hit"):
-        monkeypatch.setattr(config, name, getattr(config, name))  # restored after the test
+    # restored with setattr: monkeypatch's undo deletes, which hides a dynamo setting for every later test
+    saved = {name: getattr(config, name) for name in ("automatic_dynamic_shapes", "recompile_limit",
+                                                       "accumulated_recompile_limit", "fail_on_recompile_limit_hit")}
+    try:
+        _one_graph_per_shape(compile_per_shape, counters)
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+        torch._dynamo.reset()
+
+
+def _one_graph_per_shape(compile_per_shape, counters) -> None:
     shapes = [(8 * (1 + i % 4), 8 * (1 + i // 4)) for i in range(12)]
     compile_per_shape(len(shapes))
     torch._dynamo.reset()
@@ -407,4 +416,3 @@ def test_compile_makes_one_graph_per_bucket_shape_beyond_the_default_limit(monke
             model(torch.randn(2, 3, h, w)).sum().backward()
     assert counters["stats"]["unique_graphs"] == len(shapes)
     assert not counters["graph_break"]
-    torch._dynamo.reset()
