@@ -118,6 +118,42 @@ def test_usr1_at_different_moments_saves_once_at_one_step_requeues_once_and_resu
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
 
 
+def test_sigterm_on_one_rank_stops_both_after_the_same_step(tmp_path, tiny_shapes):
+    """SIGTERM reaching one rank only (rank 1 here): Lightning's own handling broadcasts rank 0's flag before
+    every batch (a collective and a host read per step) and stops rank 1 alone, which leaves rank 0 waiting in
+    its next collective. Agreed once per window instead, both ranks stop after one step, cleanly."""
+    run = tmp_path / "run"
+    args = ["stage=vae", "data=webdataset", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
+            f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
+            "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.devices=2",
+            "trainer.strategy=ddp", f"trainer.log_every_n_steps={WINDOW}", "checkpoint.every_n_train_steps=4",
+            "faults.collective_timeout_s=60", "trainer.max_steps=100000", f"hydra.run.dir={run}"]
+    procs = start_ranks(tmp_path, args, restarts=0, tag="term")
+    try:
+        wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, procs[0])
+        os.killpg(procs[1].pid, signal.SIGTERM)  # rank 1 and its loader workers (which ignore it)
+        codes = finish(procs, 120)
+    finally:
+        finish(procs, 0)
+    logs = [(tmp_path / f"term-rank{r}.log").read_text() for r in range(2)]
+    tails = "\n".join(f"--- rank {r} (exit {c}) ---\n{log[-2500:]}" for r, (c, log) in enumerate(zip(codes, logs, strict=True)))
+    assert None not in codes, f"a rank hung:\n{tails}"
+    assert codes == [0, 0], tails
+    agreed = [re.findall(r"SIGTERM agreed at step (\d+)", log) for log in logs]
+    assert len(agreed[0]) == 1 and agreed[0] == agreed[1], tails
+    step = int(agreed[0][0])
+    assert step % WINDOW == 0 and step > 4, tails
+    assert not list(run.glob("hpc_ckpt_*.ckpt")) and not (run / "summary.json").exists(), tails  # a stop, no save
+
+
+def test_lightning_still_has_the_per_step_sigterm_broadcast_we_switch_off():
+    """ldm.train.preemption replaces this private method on the trainer's epoch loop: a Lightning that renames
+    it would bring back a collective and a host read per step without any error."""
+    from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None))
+
+
 class _Strategy:
     root_device = torch.device("cpu")
 
@@ -126,13 +162,14 @@ class _Strategy:
         self.calls: list[torch.Tensor] = []
 
     def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
-        assert reduce_op == "max" and tensor.numel() == 1 and tensor.device == self.root_device
+        assert reduce_op == "max" and tensor.numel() == 2 and tensor.device == self.root_device
         self.calls.append(tensor.clone())
-        return torch.maximum(tensor, torch.tensor([self.others[len(self.calls) - 1]], dtype=tensor.dtype))
+        other = torch.tensor([self.others[len(self.calls) - 1], 0], dtype=tensor.dtype)  # [requeue, SIGTERM]
+        return torch.maximum(tensor, other)
 
 
 def test_flag_is_agreed_once_per_window_whatever_the_steps_per_batch(monkeypatch):
-    """One one-element all-reduce each time the global step crosses a window boundary: none between the
+    """One two-flag all-reduce (requeue, SIGTERM) each time the global step crosses a window boundary: none between the
     micro-batches of an accumulated step, one when the step jumps by 2 (stage=vae's two optimizers)."""
     from types import SimpleNamespace
 
@@ -142,14 +179,17 @@ def test_flag_is_agreed_once_per_window_whatever_the_steps_per_batch(monkeypatch
     saved = []
     trainer = SimpleNamespace(global_step=0, world_size=2, strategy=strategy, global_rank=0, is_global_zero=True,
                               loggers=[], default_root_dir="run",
-                              _signal_connector=SimpleNamespace(requeue_requested=False, stopping_for_requeue=False),
+                              _signal_connector=SimpleNamespace(requeue_requested=False, sigterm_requested=False,
+                                                                stopping_for_requeue=False),
                               _checkpoint_connector=SimpleNamespace(hpc_save_path=lambda root: f"{root}/hpc_ckpt_1"),
-                              save_checkpoint=lambda path: saved.append((path, trainer.global_step)))
+                              save_checkpoint=lambda path: saved.append((path, trainer.global_step)),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_broadcast_sigterm_tensor=None)))
     monkeypatch.setattr(preemption, "requeue", lambda job: saved.append(("requeue", job)) or 0)
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     callback = preemption.PreemptionCheckpoint(every_n_steps=4)
     callback.on_train_start(trainer, None)
+    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor is preemption._no_broadcast  # none per step
     # global step after each batch: accumulation (3, 3, 3), then two optimizer steps per batch (6, 8, 10, 12)
     for step in [1, 2, 3, 3, 3, 4, 6, 8, 10]:
         trainer.global_step = step
@@ -158,6 +198,6 @@ def test_flag_is_agreed_once_per_window_whatever_the_steps_per_batch(monkeypatch
     trainer.global_step = 12
     with pytest.raises(preemption.PreemptedForRequeue):
         callback.on_train_batch_end(trainer, None, None, None, 0)  # the other rank got USR1: save here too
-    assert len(strategy.calls) == 3 and strategy.calls[-1].item() == 0
+    assert len(strategy.calls) == 3 and strategy.calls[-1].tolist() == [0, 0]
     assert saved == [("run/hpc_ckpt_1", 12), ("requeue", "77")]
     assert trainer._signal_connector.stopping_for_requeue

@@ -14,7 +14,10 @@ after `fit`. ShardedUNetStrategy fixes each of these:
 - precision: weights gathered in bf16/fp16 for compute, gradients reduced in float32, buffers float32.
 - clipping: FSDP's clip_grad_norm_ on the root (a norm over all shards), which Lightning's FSDPPrecision refuses.
 - checkpoints: full state dicts (one file, as with DDP); on resume the
-  modules kept whole may be absent from the file (they are rebuilt from the config).
+  modules kept whole may be absent from the file (they are rebuilt from the config). The optimizer state is
+  gathered by `full_optimizer_state`, not `FSDP.optim_state_dict`: under use_orig_params torch 2.14's gather
+  returns AdamW `exp_avg` values up to 2e-5 away from the ranks' own (bench/fsdp_optim_gather.py), so a
+  resume started from moments no rank had.
 - export: `module_for_export` gathers the full state once, on all ranks, into a plain module on rank 0.
 
 It also runs on CPUs over gloo (Lightning refuses a CPU accelerator for `strategy=fsdp` by name, not this
@@ -40,6 +43,7 @@ from torch.distributed.fsdp import (
     StateDictType,
 )
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from ldm.checkpoints.files import load_torch_file
@@ -157,6 +161,12 @@ class ShardedUNetStrategy(FSDPStrategy):
                        f"buffers float32, compute {_LOW[precision.precision]}")
         return wrapped
 
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The full optimizer state, keyed by parameter name, gathered exactly (see the module docstring)."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        state = full_optimizer_state(self.model, optimizer)
+        return state if self.global_rank == 0 else {}
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """A full checkpoint; the modules kept whole may be missing from it (they keep their built weights,
         which is what LatentDiffusionModule.on_load_checkpoint's defaults do for DDP)."""
@@ -184,6 +194,53 @@ class ShardedUNetStrategy(FSDPStrategy):
                         opt_state = FSDP.rekey_optim_state_dict(opt_state, _param_name_key(), self.model)
                     optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, opt_state))
         return checkpoint
+
+
+def full_optimizer_state(model: FSDP, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of every parameter, whole, on every rank (a collective): each flat parameter's
+    per-rank state shards all-gathered as they are and cut into parameters by FSDP's own flat layout.
+
+    The format is `FSDP.optim_state_dict`'s under FULL_STATE_DICT (state and param_groups keyed by parameter
+    name), so `FSDP.optim_state_dict_to_load` reads it back for any world size or wrapping.
+    """
+    names = {id(p): clean_tensor_name(n) for n, p in model.named_parameters()}
+    local = {names[id(p)]: s for p, s in optimizer.state.items()}
+    tensor_keys = sorted({k for s in local.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
+    scalars = {n: {k: v for k, v in s.items() if k not in tensor_keys} for n, s in local.items()}
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (tensor_keys, scalars))  # small: step counts and key names
+    tensor_keys = sorted({k for keys, _ in gathered for k in keys})
+    state: dict[str, dict[str, Any]] = {}
+    for _, rank_scalars in gathered:
+        for name, values in rank_scalars.items():
+            state.setdefault(name, {}).update(values)
+    for unit in fsdp_units(model):
+        handle = unit._handle
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        shard_numel = flat._sharded_size.numel()
+        device = flat.device
+        for key in tensor_keys:
+            shard = torch.zeros(shard_numel, dtype=torch.float32, device=device)
+            for param, info in zip(flat._params, flat._shard_param_infos, strict=True):
+                value = optimizer.state.get(param, {}).get(key)
+                if info.in_shard and value is not None:
+                    shard[info.offset_in_shard:info.offset_in_shard + info.numel_in_shard] = value.flatten()
+            parts = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(parts, shard)
+            whole = torch.cat(parts)
+            start, index = 0, 0
+            for numel, padding in zip(flat._numels_with_padding, flat._is_padding_mask, strict=True):
+                if not padding:
+                    name = names[id(flat._params[index])]
+                    if name in state:  # a parameter with optimizer state (trained) on some rank
+                        state[name][key] = whole[start:start + numel].view(flat._shapes[index]).cpu().clone()
+                    index += 1
+                start += numel
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
 
 
 def _param_name_key() -> Any:

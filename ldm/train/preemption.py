@@ -8,6 +8,14 @@ rank has it, every rank saves at that same step (Lightning's `hpc_ckpt_N.ckpt` i
 `ckpt=auto` and a requeued job resume from), the trainer process of rank 0 runs `scontrol requeue` once, and
 training stops (`PreemptedForRequeue`: no final validation, no export). The save therefore happens up to one
 window after the signal: `--signal=USR1@<seconds>` must cover that many steps and a save.
+
+SIGTERM (a time limit, `scancel`) rides on the same all-reduce. Lightning 2.6 instead broadcasts rank 0's
+SIGTERM flag before every batch and reads it back (`_TrainingEpochLoop._broadcast_sigterm_tensor`): a
+collective and a host read per step, the only ones left in our steps (bench/host_reads_ddp.py). That
+broadcast is switched off here; the ranks agree on SIGTERM at the window boundary and all set
+`received_sigterm` there, so Lightning's loops stop every rank after that same step (exit status 0). A
+SIGTERM therefore stops training up to one window later; nothing is saved on SIGTERM, with or without the
+delay (the periodic checkpoints and USR1 are what keep the work).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = trainer.global_step // self.every_n_steps  # a resumed run checks at its next boundary
+        if trainer.world_size > 1:
+            quiet_per_step_sigterm_broadcast(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -57,18 +67,25 @@ class PreemptionCheckpoint(pl.Callback):
         if window == self._window:
             return  # inside a window, or between micro-batches of one accumulated step
         self._window = window
-        if self._agreed(trainer):
+        requeue, terminate = self._agreed(trainer)
+        if requeue:
             self._save_requeue_stop(trainer)
+        if terminate:  # Lightning's epoch loop raises SIGTERMException after this batch, on every rank
+            trainer._signal_connector.received_sigterm = True
+            print(f"[ldm] rank {trainer.global_rank}: SIGTERM agreed at step {trainer.global_step}; stopping",
+                  flush=True)
 
     @staticmethod
-    def _agreed(trainer: pl.Trainer) -> bool:
-        """Whether any rank got the requeue signal: one MAX all-reduce, whatever the flags."""
+    def _agreed(trainer: pl.Trainer) -> tuple[bool, bool]:
+        """Whether any rank got the requeue signal, and SIGTERM: one MAX all-reduce, whatever the flags."""
         connector = trainer._signal_connector
-        requested = bool(getattr(connector, "requeue_requested", False))
+        flags = [bool(getattr(connector, "requeue_requested", False)),
+                 bool(getattr(connector, "sigterm_requested", False))]
         if trainer.world_size == 1:
-            return requested
-        flag = torch.tensor([int(requested)], dtype=torch.int32, device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="max").item())  # the one host read per window
+            return flags[0], flags[1]
+        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=trainer.strategy.root_device)
+        requeue, terminate = trainer.strategy.reduce(tensor, reduce_op="max").tolist()  # one host read a window
+        return bool(requeue), bool(terminate)
 
     @staticmethod
     def _save_requeue_stop(trainer: pl.Trainer) -> None:
@@ -90,3 +107,18 @@ class PreemptionCheckpoint(pl.Callback):
                 print(f"[ldm] scontrol requeue {job}: " + ("requeued" if result == 0 else f"failed ({result})"),
                       flush=True)
         raise PreemptedForRequeue
+
+
+def quiet_per_step_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Switch off Lightning's broadcast of rank 0's SIGTERM flag before every batch (see the module docstring).
+
+    A private method of Lightning's epoch loop, replaced on this trainer's instance only; tests/test_preemption.py
+    fails if a Lightning upgrade renames it, and bench/host_reads_ddp.py shows a per-step read coming back.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = _no_broadcast
+
+
+def _no_broadcast() -> None:
+    """SIGTERM is agreed by PreemptionCheckpoint once per window instead."""

@@ -22,9 +22,10 @@ Nothing is done inside a handler beyond setting a flag. Lightning's USR1 handler
 and the save ends in a barrier; each rank runs its handler wherever in its step the signal finds it, so that
 barrier pairs with another rank's gradient all-reduce or loss check and the job hangs (with NCCL until the
 collective timeout), never reaching `scontrol requeue`. Its SIGTERM handler broadcasts from the handler, with
-the same risk. Here USR1 only sets `requeue_requested` and SIGTERM only sets `received_sigterm`:
-`ldm.train.preemption.PreemptionCheckpoint` has the ranks agree on the flag at a step boundary, save at that
-step and requeue; Lightning's loops act on SIGTERM at their next step.
+the same risk. Here USR1 only sets `requeue_requested` and SIGTERM only sets `sigterm_requested`:
+`ldm.train.preemption.PreemptionCheckpoint` has the ranks agree on both flags at a window boundary, save at
+that step and requeue, or set `received_sigterm` on every rank so that Lightning's loops stop them after the
+same step (one process alone sets it at once).
 """
 
 from __future__ import annotations
@@ -61,14 +62,18 @@ class OwnedSignalConnector(_SignalConnector):
         super().__init__(trainer)
         self.requeue_requested = False  # USR1 arrived; PreemptionCheckpoint acts on it at a step boundary
         self.stopping_for_requeue = False  # saved for a requeue: the process is on its way out
+        self.sigterm_requested = False  # SIGTERM arrived here; with several ranks they agree on it first
 
     def _slurm_sigusr_handler_fn(self, signum: int, _: FrameType | None) -> None:
         self.requeue_requested = True  # no save, no collective, no I/O here (see the module docstring)
 
     def _sigterm_notifier_fn(self, signum: int, _: FrameType | None) -> None:
-        if not self.received_sigterm and self.trainer.strategy.launcher is not None:
+        if not self.sigterm_requested and self.trainer.strategy.launcher is not None:
             self.trainer.strategy.launcher.kill(signum)  # Lightning's own child ranks, if it launched them
-        self.received_sigterm = True  # Lightning's loops stop at their next step; no broadcast from here
+        self.sigterm_requested = True  # no broadcast from here
+        if self.trainer.world_size == 1:
+            self.received_sigterm = True  # alone: Lightning's loops stop after this step
+        # else PreemptionCheckpoint has the ranks agree at a window boundary, then sets received_sigterm on all
 
     def teardown(self) -> None:
         """Restore the handlers from before fit; after a requeue save, SIGTERM stays ignored.
