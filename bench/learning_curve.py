@@ -55,7 +55,7 @@ RECIPES: dict[str, list[str]] = {
     "shapes_lr1e-3": [*SHAPES, "stage.module.lr=1e-3"],
     "shapes_bs64": [*SHAPES, "data.batch_size=64"],
     "shapes_bs8": [*SHAPES, "data.batch_size=8"],
-    # the recipe before it clipped gradients (the README rows "shapes" and "shapes_bs8" were measured so)
+    # the recipe before it clipped gradients (the docs/results.md rows "shapes" and "shapes_bs8" were measured so)
     "shapes_noclip": [*SHAPES, "trainer.gradient_clip_val=null"],
     "shapes_bs8_noclip": [*SHAPES, "data.batch_size=8", "trainer.gradient_clip_val=null"],
     # batch 16 (the recipe clips at 1.0 itself) and levers around it

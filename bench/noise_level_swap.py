@@ -3,7 +3,7 @@
 Two stage-2 models saved by `bench/learning_curve.py` (--out/models/NAME.pt), a short run and a longer one, draw
 the same 64 prompts from the same noise with the same sampler; for each split point a the long model denoises
 t > a and the short one t <= a (and the reverse). If "long above a" scores like the long model alone, the short
-model's weakness lies below a; this is how the recipe's training-time distribution was chosen (README "Measured").
+model's weakness lies below a; this is how the recipe's training-time distribution was chosen (docs/results.md).
 
     python bench/noise_level_swap.py runs/r1/models/shapes.pt runs/r1x4/models/shapes.pt --splits 0.8,0.6,0.4,0.2
 """

@@ -76,7 +76,7 @@ def build_pipeline(style: str, folder: Path, seed: int = 0):
 
 
 def draw(pipe, prompt: str, seed: int, steps: int, guidance: float):
-    """diffusers' picture, called the way the README tells users to, as (H, W, 3) uint8."""
+    """diffusers' picture, called the way docs/interop.md tells users to, as (H, W, 3) uint8."""
     import numpy as np
 
     pipe.set_progress_bar_config(disable=True)

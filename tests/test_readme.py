@@ -1,4 +1,7 @@
-"""Every command in the README's code blocks runs as typed, in bash, in README order, in one scratch folder.
+"""Every command in the code blocks of README.md and docs/*.md runs as typed, in bash, in one scratch folder.
+
+Pages run in reading order: README.md, then the docs/ pages in the order its "Documentation" table links them
+(then any other docs/*.md by name), each page top to bottom, so a page may use what an earlier one made.
 
 What the test changes, and only that: tiny sizes and temporary paths (substitutions below, and overrides
 appended to each train.py / sample.py line, which Hydra applies last), so the command keeps its keys and
@@ -22,6 +25,10 @@ import pytest
 from .conftest import ROOT
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# Pages the README's table of contents names before they exist (other issues write them); a link to one of
+# these may dangle until it lands.
+PENDING_PAGES = {"docs/presets.md", "docs/evaluation.md", "docs/posthoc_ema.md"}
 
 SKIP = {
     "make train": "the 20-minute built-in run; its steps (train.py stage=vae, python -m ldm.data.latents, "
@@ -66,6 +73,7 @@ SUBSTITUTIONS = [
     ("data.resolution=256", "data.resolution=32"),  # 32: room for an f8 autoencoder and the UNet's levels
     ("--shard-size 10000", "--shard-size 8"),
     ("--resolution 256 --text-encoder tiny", "--resolution 32 --text-encoder tiny width=32"),  # as TINY's tower
+    ("--resolution 256", "--resolution 32"),  # the README's latents: the tiny runs' 32 px
     ("device=cuda", "device=cpu"),  # the GPU flag: the CPU runs the same path
     ("height=48 width=64", "height=32 width=64"),  # the README's earlier kl_f8 run left an f8 x 4 = 32 model
 ]
@@ -90,10 +98,18 @@ def split_comment(line: str) -> str:
     return line.rstrip()
 
 
-def readme_commands() -> list[tuple[str, str]]:
-    """(language, command) for every shell line and every Python block of the README's code blocks."""
+def pages() -> list[Path]:
+    """README.md, then docs/*.md in the order the README's Documentation table links them, then the rest."""
+    toc = README.read_text().split("\n## Documentation", 1)[-1]
+    linked = [ROOT / name for name in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", toc))]
+    found = [page for page in linked if page.exists()]
+    return [README, *found, *sorted(set(DOCS.glob("*.md")) - set(found))]
+
+
+def page_commands(page: Path) -> list[tuple[str, str]]:
+    """(language, command) for every shell line and every Python block of a page's code blocks."""
     commands = []
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", README.read_text(), re.S):
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", page.read_text(), re.S):
         if lang == "python":
             commands.append(("python", body))
         elif lang in ("bash", "sh", "shell"):
@@ -102,6 +118,11 @@ def readme_commands() -> list[tuple[str, str]]:
                 if line:
                     commands.append(("bash", line))
     return commands
+
+
+def readme_commands() -> list[tuple[str, str, str]]:
+    """(page id, language, command) over every page, in reading order; the page id is `README` or the docs stem."""
+    return [(page.stem, lang, command) for page in pages() for lang, command in page_commands(page)]
 
 
 def _matches(key: str, command: str) -> bool:
@@ -164,15 +185,6 @@ def prepare(tmp: Path) -> None:
         (tmp / name).symlink_to(ROOT / name)
 
 
-def before(command: str, tmp: Path, env: dict[str, str]) -> None:
-    """The README's prose steps that a code-block command relies on."""
-    if "data=latents" in command and not (tmp / "data" / "mine-latents").exists():
-        for split in ("train", "val"):  # README "Your own data": python -m ldm.data.latents ...
-            subprocess.run([sys.executable, "-m", "ldm.data.latents", "--autoencoder", "exports/autoencoder",
-                            "--shards", f"data/mine/{split}", "--out", f"data/mine-latents/{split}",
-                            "--resolution", "32"], cwd=tmp, env=env, check=True, capture_output=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("readme")
@@ -185,15 +197,32 @@ def scratch(tmp_path_factory):
 COMMANDS = readme_commands()
 
 
+def command_ids(commands: list[tuple[str, str, str]]) -> list[str]:
+    """`<page>-<nn>`, numbered within each page, so `-k stage2` selects a page (with `README or ...`: its setup)."""
+    counts: dict[str, int] = {}
+    ids = []
+    for page, _, _ in commands:
+        ids.append(f"{page}-{counts.get(page, 0):02d}")
+        counts[page] = counts.get(page, 0) + 1
+    return ids
+
+
+def status(lang: str, command: str) -> str:
+    """What the test does with a command: `run`, `skip` (with a reason in SKIP), or `unknown` (a failure)."""
+    if skip_reason(command):
+        return "skip"
+    return "run" if lang == "python" or command.startswith(RUN) else "unknown"
+
+
 def test_every_command_is_run_or_skipped_with_a_reason():
-    unknown = [c for lang, c in COMMANDS if not skip_reason(c) and not (lang == "python" or c.startswith(RUN))]
-    assert not unknown, f"README commands the test neither runs nor skips (add them to RUN or SKIP): {unknown}"
-    stale = [s for s in SKIP if not any(_matches(s, c) for _, c in COMMANDS)]
-    assert not stale, f"SKIP entries that match no README command: {stale}"
+    unknown = [f"{page}: {c}" for page, lang, c in COMMANDS if status(lang, c) == "unknown"]
+    assert not unknown, f"commands of README.md / docs/ the test neither runs nor skips (add them to RUN or SKIP): {unknown}"
+    stale = [s for s in SKIP if not any(_matches(s, c) for _, _, c in COMMANDS)]
+    assert not stale, f"SKIP entries that match no command of README.md / docs/: {stale}"
 
 
-@pytest.mark.parametrize("lang,command", COMMANDS, ids=[f"{i:02d}" for i in range(len(COMMANDS))])
-def test_readme_command(scratch, lang, command):
+@pytest.mark.parametrize("page,lang,command", COMMANDS, ids=command_ids(COMMANDS))
+def test_readme_command(scratch, page, lang, command):
     reason = skip_reason(command)
     if reason:
         pytest.skip(reason)
@@ -201,19 +230,22 @@ def test_readme_command(scratch, lang, command):
     runs = sorted((tmp / "runs" / "ldm").glob("*/"), key=lambda p: p.stat().st_mtime)
     ctx = {"tmp": str(tmp), "last_ldm_run": str(runs[-1].relative_to(tmp)) if runs else "runs/ldm/none"}
     line = tiny(command, ctx)
-    before(line, tmp, env)
     argv = [sys.executable, "-c", line] if lang == "python" else ["bash", "-c", line]
     proc = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"$ {command}\n(ran: {tiny(command, ctx)})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{page}: $ {command}\n(ran: {tiny(command, ctx)})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     log = tmp / "ran.jsonl"
     with log.open("a") as f:
-        f.write(json.dumps({"command": command}) + "\n")
+        f.write(json.dumps({"page": page, "command": command}) + "\n")
 
 
-def _table_first_column(heading: str) -> list[str]:
-    """The backticked names in the first column of the first table under `heading`."""
-    section = README.read_text().split(heading, 1)[1]
-    rows = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| `")]
+def _section(page: Path, heading: str) -> str:
+    """The text under `heading` of `page`, up to the next heading of its level or above."""
+    return page.read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _table_first_column(page: Path, heading: str) -> list[str]:
+    """The backticked names in the first column of the tables under `heading`."""
+    rows = [line for line in _section(page, heading).splitlines() if line.startswith("| `")]
     return [name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
 
 
@@ -222,11 +254,24 @@ def test_sampling_table_lists_every_option_and_no_other():
 
     conf = OmegaConf.load(ROOT / "conf" / "sample.yaml")
     keys = {k for k in conf if k not in ("defaults", "hydra", "paths")} | {f"paths.{k}" for k in conf.paths}
-    assert set(_table_first_column("## Sampling")) == keys
+    assert set(_table_first_column(DOCS / "stage2.md", "## Sampling")) == keys
+
+
+def test_top_level_keys_table_lists_every_key_of_train_yaml():
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(ROOT / "conf" / "train.yaml")
+    keys = set()
+    for key in (k for k in conf if k not in ("defaults", "hydra")):
+        value = conf[key]
+        # perf.* is one row here: its keys are the speed-switch table of docs/performance.md
+        nested = OmegaConf.is_dict(value) and key != "perf"
+        keys |= {f"{key}.{sub}" for sub in value} if nested else {f"{key}.*" if key == "perf" else key}
+    assert set(_table_first_column(DOCS / "configuration.md", "## Top-level keys")) == keys
 
 
 def test_configuration_table_lists_every_group_and_choice():
-    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    section = _section(DOCS / "configuration.md", "## Config groups")
     table = {}
     for row in (line for line in section.splitlines() if line.startswith("| `")):
         cells = row.split("|")
@@ -237,3 +282,27 @@ def test_configuration_table_lists_every_group_and_choice():
         if group != "hydra/launcher":
             on_disk[group] = {p.stem for p in folder.glob("*.yaml")}
     assert table == on_disk
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a page: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_links_between_pages_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists and, with #anchor, a heading of it."""
+    broken = []
+    for page in pages():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                if str(file.relative_to(ROOT)) not in PENDING_PAGES:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "links that lead nowhere:\n" + "\n".join(broken)

@@ -3,7 +3,7 @@
 `model/autoencoder=identity` swaps it in for AutoencoderKL: encode gives the image itself as a posterior with
 (almost) zero variance, decode returns its input. There is nothing to train, so stage=ldm needs no stage-1
 export; it exists to measure the paper's claim that moderate compression learns faster per compute than
-pixel space (README "Measured").
+pixel space (docs/results.md).
 """
 
 from __future__ import annotations

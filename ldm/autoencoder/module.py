@@ -138,7 +138,7 @@ class AutoencoderModule(pl.LightningModule):
 
         Without it the encoder is free to write a shape as an arbitrary texture of latent values that only the
         decoder can read; a latent that must also decode when averaged and turned keeps image-like, smooth
-        codes (on shapes: a higher PSNR, and a few more shapes from stage 2; README "Measured").
+        codes (on shapes: a higher PSNR, and a few more shapes from stage 2; docs/results.md).
         """
         k = step % 4  # which quarter turn: from the step, so a resumed run draws the same
         z = torch.rot90(F.avg_pool2d(posterior.mode(), 2), k, dims=(2, 3))

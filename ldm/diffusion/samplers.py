@@ -211,8 +211,8 @@ def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: FlowSch
 
     On a model that is still learning, the fresh noise lets later steps repair what earlier ones got wrong,
     where the ODE (euler, heun) carries every error to the end (Karras et al. 2022, on stochastic sampling):
-    bench/learning_curve.py measured more well-formed shapes with it on the shapes recipe (README
-    "Measured"). With the noise prediction kept instead of fresh noise, a step is exactly `euler`'s.
+    bench/learning_curve.py measured more well-formed shapes with it on the shapes recipe (docs/results.md).
+    With the noise prediction kept instead of fresh noise, a step is exactly `euler`'s.
     """
     times = schedule.sampling_times(steps)
     x = x.float()

@@ -3,7 +3,7 @@
 Two things every entry point needs before and around Hydra:
 
 - **Brace patterns in shard keys.** WebDataset and img2dataset users name shards as `/data/{00000..01023}.tar`.
-  Typed as the README shows, `data.train_shards='/data/{00000..01023}.tar'`, bash removes the quotes, and
+  Typed as docs/data.md shows, `data.train_shards='/data/{00000..01023}.tar'`, bash removes the quotes, and
   Hydra's override grammar then reads the braces as its own syntax and stops. `quote_shard_patterns` puts
   single quotes back around such a value, for the shard keys only (`data.train_shards`, `data.val_shards`
   and the `shards:` entries of a mixing list); every other argument passes through unchanged.
