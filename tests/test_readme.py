@@ -2,12 +2,14 @@
 
 Pages run in reading order: README.md, then the docs/ pages in the order its "Documentation" table links them
 (then any other docs/*.md by name), each page top to bottom, so a page may use what an earlier one made.
+A command's test id is `<page>-<nn>` (`README-03`, `stage2-00`): `-k "[README- or [stage2-"` runs one page
+with the README's setup (the bracket keeps `README` from matching this module's name).
 
 What the test changes, and only that: tiny sizes and temporary paths (substitutions below, and overrides
 appended to each train.py / sample.py line, which Hydra applies last), so the command keeps its keys and
 its quoting. Brace patterns stay brace patterns. Commands that need a GPU, a cluster, the internet or the
 whole 20-minute run are skipped, each with its reason in SKIP; a command that is in neither list fails the
-test, so a new README command must be added to one of them.
+test, so a new command on any page must be added to one of them.
 """
 
 from __future__ import annotations
