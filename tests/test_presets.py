@@ -6,6 +6,7 @@ the 256 run's export with model.init_from."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -75,15 +76,18 @@ def test_512_preset_without_the_256_export_stops_naming_the_key():
 
 
 def test_presets_run_two_steps_chained(tiny_shapes, tmp_path, one_thread):
+    start = time.time()
     shards = [f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val"]
-    vae = run_script("train.py", "stage=vae", "experiment=kl_f8_paper", *RUN, *shards, "data.resolution=64",
+    vae = run_script("train.py", "stage=vae", "experiment=kl_f8_paper", *RUN, *shards, "data.resolution=32",
                      *SMALL_VAE, *OFFLINE_VAE, "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                      cwd=tmp_path)
     summary = json.loads(next((tmp_path / "runs" / "vae").glob("*/summary.json")).read_text())
     assert summary["optimizer_steps_per_rank"] == [[2, 1]], summary  # the GAN from its disc_start on
     ae = json.loads((tmp_path / "exports" / "autoencoder" / "autoencoder.json").read_text())
     assert (ae["ch"], ae["ch_mult"], ae["z_channels"]) == (16, [1, 2, 4, 4], 4), vae.stdout[-2000:]
+    print(f"kl_f8_paper: {time.time() - start:.0f} s")
 
+    start = time.time()
     run_script("train.py", "stage=ldm", "experiment=txt2img_256_from_scratch", *RUN, *shards, "data.resolution=64",
                *SMALL_LDM, *NO_METRICS, cwd=tmp_path)
     first = next((tmp_path / "runs" / "ldm").glob("*/export"))
@@ -91,7 +95,9 @@ def test_presets_run_two_steps_chained(tiny_shapes, tmp_path, one_thread):
     assert meta["unet"]["channel_mult"] == [1, 2, 4, 4] and meta["unet"]["context_dim"] == 32
     assert meta["prediction_type"] == "epsilon" and meta["scale_factor"] == pytest.approx(0.18215)
     assert meta["module"]["text_encoder"]["layer"] == "penultimate"
+    print(f"txt2img_256_from_scratch: {time.time() - start:.0f} s")
 
+    start = time.time()
     # the architecture comes from the 256 export: no width overrides, only the data's size and no downloads
     second = run_script("train.py", "stage=ldm", "experiment=txt2img_512_from_256", f"model.init_from={first}",
                         *RUN, *shards, "data.resolution=128", "data.min_size=0", *NO_METRICS,
@@ -100,3 +106,4 @@ def test_presets_run_two_steps_chained(tiny_shapes, tmp_path, one_thread):
     meta = json.loads(next((tmp_path / "runs512" / "ldm").glob("*/export/unet.json")).read_text())
     assert meta["unet"]["model_channels"] == 32 and meta["module"]["text_encoder"]["width"] == 32
     assert meta["prediction_type"] == "epsilon" and meta["scale_factor"] == pytest.approx(0.18215)
+    print(f"txt2img_512_from_256: {time.time() - start:.0f} s")
