@@ -9,8 +9,11 @@ Lightning launches the ranks (trainer.devices, trainer.num_nodes; gloo on CPUs, 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,6 +285,29 @@ def _trainer(cfg: Any, out: Path) -> pl.Trainer:
                       default_root_dir=str(out))
 
 
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def _ranks_for_this_job() -> Iterator[None]:
+    """Under `-m`, each job starts its own ranks: Lightning leaves its process group and the launch variables
+    (LOCAL_RANK, MASTER_PORT...) in the launching process, and the next job would talk to the finished job's
+    ranks. Every rank ends the group; the process that launched ranks here restores those variables."""
+    before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank is done with the group before it goes
+            torch.distributed.destroy_process_group()
+        if before["LOCAL_RANK"] is None and os.environ.get("LOCAL_RANK") is not None:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def _task_overrides() -> list[str]:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -342,7 +368,8 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     pin_run_dir_for_children(out)
     print(f"[ldm] evaluating {ckpt}: {len(prompts)} samples of {height}x{width} ({sampler}, {sampling.steps} steps, "
           f"guidance {sampling.guidance_scale}, seeds {seed}..{seed + len(prompts) - 1})", flush=True)
-    trainer.test(module, verbose=False)
+    with _ranks_for_this_job():
+        trainer.test(module, verbose=False)
     result = {"checkpoint": str(ckpt), "num_samples": len(prompts), "world_size": trainer.world_size,
               "metrics": module.result,
               "settings": {k: v for k, v in vars(sampling).items() if k != "extra"},
