@@ -86,15 +86,16 @@ def test_one_and_two_ranks_write_the_same_metrics(one_and_two_ranks, setup):
 
 
 def test_second_run_hits_the_cache_and_a_sweep_prints_its_table(one_and_two_ranks, setup):
-    """-m over a checkpoint and its export: both read the saved statistics and score what the 1-rank run scored."""
+    """-m over a checkpoint and its export, on 2 ranks: each job starts its own ranks (the second does not talk to
+    the first one's), both read the saved statistics and score what the 1-rank run scored."""
     root, ckpt = setup
     stats = root / one_and_two_ranks[1]["reference"]["stats"]
     mtime = stats.stat().st_mtime_ns
     proc = evaluate(root, "-m", f"ckpt={ckpt},export", "ref_shards=data/val", "ref_samples=10", "num_samples=9",
-                    *RUN, "ref_cache=cache1", "hydra.sweep.dir=sweep")
+                    *RUN, "trainer.devices=2", "ref_cache=cache1", "hydra.sweep.dir=sweep")
     jobs = [read(root / "sweep" / str(i) / "metrics.json") for i in (0, 1)]
     for job in jobs:
-        assert job["reference"]["status"] == "hit" and job["reference"]["stats"] == str(stats.relative_to(root))
+        assert job["world_size"] == 2 and job["reference"]["status"] == "hit" and job["reference"]["stats"] == str(stats.relative_to(root))
         assert job["metrics"]["fid"] == pytest.approx(one_and_two_ranks[1]["metrics"]["fid"], rel=1e-5)
     assert stats.stat().st_mtime_ns == mtime  # read, not rewritten
     table = (root / "sweep" / "table.txt").read_text().splitlines()
