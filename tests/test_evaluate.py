@@ -178,3 +178,45 @@ def test_reference_key_follows_the_data_and_the_extractor(setup):
         assert reference_key(describe(urls, 16, None, small)) != key
     finally:
         os.utime(urls[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun as it starts a 2-task step on one node: every task the same command, its rank in SLURM_* variables.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for rank in 0 1; do
+    SLURM_PROCID=$rank SLURM_LOCALID=$rank SLURM_NODEID=0 SLURM_STEP_ID=0 "$@" > "task$rank.log" 2>&1 &
+    pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+
+
+def test_evaluate_sbatch_runs_the_ranks_srun_starts(one_and_two_ranks, setup, tmp_path):
+    """slurm/evaluate.sbatch's body under a stand-in srun (2 tasks, Lightning's SLURM environment reads the ranks):
+    the same metrics as the 1-rank run, in paths.evaluations/slurm-<job id>/. (train.sbatch runs on a real one-node
+    SLURM in tests/test_slurm.py; this script has no real-SLURM test.)"""
+    import random
+
+    root, ckpt = setup
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text(FAKE_SRUN)
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    job = str(random.randint(1000, 9999))  # Lightning's SLURM port is 10000 + the job id's last 4 digits
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"PATH": f"{tmp_path}/bin:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "LDM_PYTHON": sys.executable,
+                "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "ldm-eval",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "1"})
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "evaluate.sbatch"), f"ckpt={ckpt}",
+                           f"ref_shards={root}/data/val", "ref_samples=10", "num_samples=9", *RUN,
+                           "trainer.accelerator=cpu", f"ref_cache={root}/cache1", "paths.evaluations=evals"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs = "\n".join((tmp_path / f"task{r}.log").read_text()[-2000:] for r in (0, 1) if (tmp_path / f"task{r}.log").exists())
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    got = read(tmp_path / "evals" / f"slurm-{job}" / "metrics.json")
+    assert got["world_size"] == 2 and got["reference"]["status"] == "hit"
+    assert got["metrics"]["fid"] == pytest.approx(one_and_two_ranks[1]["metrics"]["fid"], rel=1e-5)
+    assert got["metrics"]["clip_score"] == pytest.approx(one_and_two_ranks[1]["metrics"]["clip_score"], rel=1e-5)
