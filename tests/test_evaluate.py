@@ -220,3 +220,10 @@ def test_evaluate_sbatch_runs_the_ranks_srun_starts(one_and_two_ranks, setup, tm
     assert got["world_size"] == 2 and got["reference"]["status"] == "hit"
     assert got["metrics"]["fid"] == pytest.approx(one_and_two_ranks[1]["metrics"]["fid"], rel=1e-5)
     assert got["metrics"]["clip_score"] == pytest.approx(one_and_two_ranks[1]["metrics"]["clip_score"], rel=1e-5)
+
+
+def test_ref_shards_brace_pattern_reaches_hydra_quoted():
+    from ldm.train.entry import quote_shard_patterns
+
+    assert quote_shard_patterns(["ref_shards=/data/coco/{00000..00009}.tar", "num_samples=8"]) == [
+        "ref_shards='/data/coco/{00000..00009}.tar'", "num_samples=8"]
