@@ -83,8 +83,9 @@ class EvaluationModule(pl.LightningModule):
 
     def __init__(self, model: pl.LightningModule, metrics: GenerationMetrics, prompts: list[str], seeds: list[int],
                  sampling: Sampling, reference: Reference | None, score_shapes: bool, images_dir: Path | None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, checkpoint: str | Path = "") -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         self.model = model.eval().requires_grad_(False)
         self.metrics = metrics
         self.prompts, self.seeds = prompts, seeds
@@ -101,6 +102,7 @@ class EvaluationModule(pl.LightningModule):
 
     @torch.no_grad()
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._check_same_checkpoint()
         if self.metrics.fid is not None and self.reference is not None:
             self._load_reference()
         start, stop = rank_share(len(self.prompts), self.global_rank, self.trainer.world_size)
@@ -122,6 +124,14 @@ class EvaluationModule(pl.LightningModule):
         sample_and_score(self._generate, self.metrics, self.prompts[start:stop], self.seeds[start:stop],
                          self.sampling.batch_size, on_batch=on_batch)
         bar.close()
+
+    def _check_same_checkpoint(self) -> None:
+        """ckpt=latest resolves on every rank: a run that saved meanwhile would give ranks different weights."""
+        mine = str(self.checkpoint)
+        first = self.trainer.strategy.broadcast(mine)
+        if first != mine:
+            raise ConfigError(f"ckpt: rank {self.global_rank} loaded {mine} but rank 0 loaded {first} (a newer "
+                              f"checkpoint appeared while the ranks started); pass ckpt=PATH")
 
     def _generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         s = self.sampling
@@ -361,11 +371,13 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     check_prompts_fit(model.text_encoder, [*prompts, sampling.negative_prompt])
     metrics = GenerationMetrics(fid=fid, clip_score=clip)
     module = EvaluationModule(model, metrics, prompts, seeds, sampling, reference, score, images_dir,
-                              progress=bool(cfg.progress))
+                              progress=bool(cfg.progress), checkpoint=Path(ckpt).resolve())
     trainer = _trainer(cfg, out)
-    from ldm.train.ddp import pin_run_dir_for_children
+    from ldm.train.ddp import CHILD_ARGV_ENV, pin_run_dir_for_children
 
     pin_run_dir_for_children(out)
+    if os.environ.get(CHILD_ARGV_ENV):  # ranks Lightning starts from here load this very file (not a newer latest)
+        os.environ[CHILD_ARGV_ENV] = json.dumps([*json.loads(os.environ[CHILD_ARGV_ENV]), f'ckpt="{Path(ckpt).resolve()}"'])
     print(f"[ldm] evaluating {ckpt}: {len(prompts)} samples of {height}x{width} ({sampler}, {sampling.steps} steps, "
           f"guidance {sampling.guidance_scale}, seeds {seed}..{seed + len(prompts) - 1})", flush=True)
     with _ranks_for_this_job():
