@@ -227,3 +227,31 @@ def test_ref_shards_brace_pattern_reaches_hydra_quoted():
 
     assert quote_shard_patterns(["ref_shards=/data/coco/{00000..00009}.tar", "num_samples=8"]) == [
         "ref_shards='/data/coco/{00000..00009}.tar'", "num_samples=8"]
+
+
+def test_saved_statistics_alone_and_kept_images(one_and_two_ranks, setup, tmp_path):
+    """ref_stats=FILE needs no shards (prompts from a file); keep_images writes every sample with its manifest.
+    A file made with other FID settings is refused, naming ref_stats."""
+    from ldm.evaluate import run_evaluation
+    from ldm.train.checks import ConfigError
+
+    root, ckpt = setup
+    stats = root / one_and_two_ranks[1]["reference"]["stats"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n")
+
+    def cfg(*overrides: str):
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            return compose(config_name="evaluate", overrides=[
+                f"ckpt={ckpt}", f"ref_stats={stats}", f"prompts_file={prompts}", "num_samples=3", "steps=2",
+                f"out={tmp_path}/out", "trainer.accelerator=cpu", "progress=false", *overrides])
+
+    result = run_evaluation(cfg("keep_images=true"))
+    assert result["reference"]["status"] == "file" and result["reference"]["num_images"] == 10
+    assert result["metrics"]["fid"] > 0 and "prompt_accuracy" in result["metrics"]
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [(m["prompt"][:7], m["seed"]) for m in manifest] == [("a red c", 100_000), ("a green", 100_001),
+                                                                 ("a red c", 100_002)]  # prompts cycled
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    with pytest.raises(ConfigError, match="ref_stats=.*num_features"):
+        run_evaluation(cfg("metrics.fid.num_features=32"))
