@@ -30,16 +30,21 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # Pages the README's table of contents names before they exist (other issues write them); a link to one of
 # these may dangle until it lands.
-PENDING_PAGES = {"docs/presets.md", "docs/evaluation.md", "docs/posthoc_ema.md"}
+PENDING_PAGES = {"docs/posthoc_ema.md"}
 
 SKIP = {
     "make train": "the 20-minute built-in run; its steps (train.py stage=vae, python -m ldm.data.latents, "
         "stage=ldm data.latents=true, sample.py) run below",
     "make test": "this test suite itself",
     ". .venv/bin/activate": "activates the environment this test already runs in",
-    "python train.py stage=vae data=webdataset model/autoencoder=kl_f8 data.resolution=256":
+    "python train.py stage=vae experiment=kl_f8_paper":
         "internet: downloads the published VGG16 + LPIPS heads and the FID Inception (lpips_pretrained=true, "
-        "extractor=inception); offline, tests/test_prefetch.py covers those loaders with local files",
+        "extractor=inception); offline, tests/test_prefetch.py covers those loaders with local files and "
+        "tests/test_presets.py runs the preset for two steps shrunk, weights random",
+    "python train.py stage=ldm experiment=txt2img_256_from_scratch":
+        "8 GPUs and the published OpenCLIP ViT-H/14; tests/test_presets.py runs the preset shrunk on the CPU",
+    "python train.py stage=ldm experiment=txt2img_512_from_256":
+        "8 GPUs and the 256 run's export; tests/test_presets.py runs it shrunk on the CPU from a shrunk 256 export",
     "python train.py stage=vae model/autoencoder=sd model.autoencoder.init_from=/models/":
         "internet: a published Stable Diffusion VAE file; tests/test_autoencoder_compat.py loads test-made ones",
     "python train.py stage=ldm model.autoencoder.init_from=/models/":
