@@ -2,7 +2,7 @@
 
 Stated tolerance of a reconstruction at a length no profile has: the solved weights differ from the directly
 tracked EMA of that length by at most 10% of the distance between the two snapshotted profiles' own weights
-(the profile-level error of that solve is 2%, reconstruction_error below; measured weight error ~1-3%).
+(the profile-level error of that solve is 2%, reconstruction_error below; the weights measured 4.3%).
 """
 
 from __future__ import annotations
@@ -100,3 +100,108 @@ def test_reconstruction_at_own_and_tracked_length(tmp_path):
     # And the solve is not the nearer profile passed through: it lies between them.
     assert error < 0.5 * min(sum((f[k] - tracked[k]).norm() ** 2 for k in weight) ** 0.5 for f in finals)
     assert torch.equal(solved["unet.1.running_mean"], torch.full((16,), 60.0))  # buffers: the newest, not mixed
+
+
+def test_resume_keeps_only_the_snapshots_it_descends_from(tmp_path):
+    from ldm.checkpoints.ema_snapshots import carry_over, prune_after
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    _random_walk_run(old, steps=30)
+    copied = carry_over(old, new, step=20)
+    assert sorted({s.step for s in list_snapshots(new)}) == [10, 20] and len(copied) == 6
+    assert (new / copied[0].name).read_bytes() == (old / copied[0].name).read_bytes()
+    removed = prune_after(old, step=20)
+    assert len(removed) == 3 and sorted({s.step for s in list_snapshots(old)}) == [10, 20]
+
+
+# ---------------------------------------------------------------------------------------------- through train.py
+PIXEL = ["logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "data.resolution=16",
+         "data.batch_size=4", "data.num_workers=2", "model/autoencoder=identity", "model.unet.model_channels=16",
+         "model.unet.num_head_channels=8", "model.text_encoder.width=32", "paths.runs=runs",
+         "checkpoint.every_n_train_steps=1", "trainer.limit_val_batches=0",
+         f"model.posthoc_ema.sigma_rels=[{SIGMAS[0]},{SIGMAS[1]}]", f"model.posthoc_ema.track=[{TRACKED}]",
+         "model.posthoc_ema.snapshot_every=2"]
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _only(folder, role: str, sigma: float, step: int):
+    return folder / f"{role}-sigma{sigma:.4f}-step{step:09d}.safetensors"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_reconstruct_resume_and_sample(tmp_path, tiny_shapes):
+    data = [f"data.train_shards={tiny_shapes}/train", f"data.val_shards={tiny_shapes}/val"]
+    run_script("train.py", "stage=ldm", *PIXEL, *data, "trainer.max_steps=5", cwd=tmp_path)
+    (run,) = (tmp_path / "runs" / "ldm").iterdir()
+    snaps = run / "posthoc_ema"
+    # Every 2 steps and at the end (step 5), each profile and the tracked one.
+    assert sorted({s.step for s in list_snapshots(snaps)}) == [2, 4, 5]
+    assert len(list_snapshots(snaps, "profile")) == 6 and len(list_snapshots(snaps, "tracked")) == 3
+
+    # Resumed from step 4 into a new run dir: the old run's snapshots up to 4 come along, the end is the same.
+    ckpt = run / "checkpoints" / "step0000004.ckpt"
+    run_script("train.py", "stage=ldm", *PIXEL, *data, "trainer.max_steps=5", f"ckpt={ckpt}",
+               "hydra.run.dir=runs/resumed", cwd=tmp_path)
+    resumed = tmp_path / "runs" / "resumed" / "posthoc_ema"
+    assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in snaps.iterdir())
+    for path in snaps.iterdir():
+        a, b = _tensors(path), _tensors(resumed / path.name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{path.name}: {key}")
+    from ldm.checkpoints.files import load_torch_file
+
+    straight = load_torch_file(run / "checkpoints" / "step0000005.ckpt")
+    again = load_torch_file(tmp_path / "runs" / "resumed" / "checkpoints" / "step0000005.ckpt")
+    profiles = [k for k in straight["state_dict"] if k.startswith("posthoc_ema.")]
+    assert any(k.endswith("num_updates") for k in profiles) and straight["posthoc_ema_sigma_rels"] == {
+        "sigma_rels": SIGMAS, "track": [TRACKED]}
+    for key in profiles:
+        torch.testing.assert_close(again["state_dict"][key], straight["state_dict"][key], rtol=1e-5, atol=1e-6,
+                                   msg=key)
+
+    out = tmp_path / "reconstructed"
+    from ldm.ema_reconstruct import main as reconstruct_main
+
+    assert reconstruct_main([str(run), f"sigma_rel=[{SIGMAS[0]},{TRACKED}]", f"out={out}"]) == 0
+    own = _tensors(_only(snaps, "profile", SIGMAS[0], 5))
+    tracked = _tensors(_only(snaps, "tracked", TRACKED, 5))
+    other = _tensors(_only(snaps, "profile", SIGMAS[1], 5))
+    for sigma, want in ((SIGMAS[0], own), (TRACKED, tracked)):
+        export = out / f"sigma_rel_{sigma:.4f}"
+        unet, text = _tensors(export / "unet_ema.safetensors"), _tensors(export / "text_encoder.safetensors")
+        solved = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in text.items()}}
+        assert solved.keys() == want.keys()
+        if sigma == SIGMAS[0]:  # its own length: that profile's final weights
+            for key, value in want.items():
+                torch.testing.assert_close(solved[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        else:  # the stated tolerance (module docstring), on the UNet and text weights together
+            floats = [k for k in want if want[k].is_floating_point()]
+            error = sum((solved[k] - want[k]).double().norm() ** 2 for k in floats) ** 0.5
+            spread = sum((own[k] - other[k]).double().norm() ** 2 for k in floats) ** 0.5
+            assert error < 0.10 * spread, (float(error), float(spread))
+        info = json.loads((export / "posthoc_ema.json").read_text())
+        assert info["step"] == 5 and len(info["snapshots"]) == 6
+    # sample.py takes a reconstruction like any export.
+    samples = tmp_path / "samples"
+    run_script("sample.py", f"ckpt={out / 'sigma_rel_0.0700'}", "prompt=a red circle", "num_images=1", "steps=2",
+               f"out={samples}", cwd=tmp_path)
+    assert (samples / "00000.png").exists()
+
+
+def test_bad_settings_fail_at_start(tmp_path):
+    from tests.ldm_factory import tiny_ldm
+
+    with pytest.raises(ValueError, match="model.posthoc_ema.snapshot_every"):
+        tiny_ldm(posthoc_ema={"sigma_rels": [0.05], "snapshot_every": 0})
+    with pytest.raises(ValueError, match="model.posthoc_ema: unknown keys"):
+        tiny_ldm(posthoc_ema={"sigma_rels": [0.05], "snapshot_every": 2, "sigma": 1})
+    with pytest.raises(ValueError, match="sigma_rel must be in"):
+        tiny_ldm(posthoc_ema={"sigma_rels": [0.9], "snapshot_every": 2})
+    proc = run_script("train.py", "stage=ldm", "--cfg", "job", cwd=tmp_path)  # off by default
+    assert "sigma_rels: []" in proc.stdout
+    assert ROOT.joinpath("docs", "posthoc_ema.md").is_file()
