@@ -22,6 +22,7 @@ from ldm.diffusion.posthoc_ema import PosthocEMA
 from ldm.diffusion.samplers import check_guidance_interval, check_sampler, classifier_free_guidance, sample
 from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
+from ldm.diffusion.val_loss import keyed_noise, quantile_timesteps
 from ldm.diffusion.weighting import min_snr_weight
 from ldm.metrics.generation import GenerationMetrics
 from ldm.train.faults import skip_nonfinite
@@ -54,7 +55,7 @@ class LatentDiffusionModule(pl.LightningModule):
                  val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
                  seed: int = 0, metrics: dict[str, Any] | None = None, model_guidance: float = 0.0,
-                 posthoc_ema: dict[str, Any] | None = None):
+                 posthoc_ema: dict[str, Any] | None = None, val_loss_buckets: int = 5):
         super().__init__()
         check_prediction_type(prediction_type)
         check_sampler(sampler, prediction_type)
@@ -86,6 +87,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.posthoc_ema, self.snapshot_every = self._build_posthoc_ema(posthoc_ema)
         self._snapshot_step: int | None = None  # the global step of the last snapshots written
         self.schedule = build_schedule(prediction_type, schedule, flow)
+        self._val_timesteps, self._val_bucket_names = quantile_timesteps(self.schedule, val_loss_buckets)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
         self._scale_factor_checked = False
@@ -435,6 +437,19 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._metric_images, self._metric_prompts = [], []
+        self._val_sums = torch.zeros(len(self._val_timesteps), dtype=torch.float32, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def _log_val_loss(self) -> None:
+        """val/loss and val/loss_by_t/<bucket>: per-bucket sums and the sample count, summed over ranks on the
+        root device in float32, then divided: the mean over every validation sample, whatever the world size."""
+        strategy = self.trainer.strategy
+        totals = torch.cat([self._val_sums, self._val_count.view(1)]).to(strategy.root_device)
+        totals = strategy.reduce(totals, reduce_op="sum")
+        by_t = totals[:-1] / totals[-1].clamp(min=1.0)
+        self.log("val/loss", by_t.mean(), batch_size=1)
+        self.log_dict({f"val/loss_by_t/{name}": by_t[k] for k, name in enumerate(self._val_bucket_names)},
+                      batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         captions = list(batch["caption"])
@@ -454,15 +469,20 @@ class LatentDiffusionModule(pl.LightningModule):
             context = (context[:, 0] if context.ndim == 4 else context).float()
         else:
             context = self.encode_text(captions, use_ema=True)
-        g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
-        noise = torch.randn(z0.shape, generator=g).to(z0)
-        t = self.schedule.sample_timesteps(z0.shape[0], torch.device("cpu"), generator=g).to(z0.device)
-        per_sample, _ = self.denoising_error(self.ema.model, z0, noise, t, context)
-        self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=z0.shape[0])
+        # Every sample at every bucket's timestep, with noise from its key (ldm.diffusion.val_loss): sums and a
+        # count per rank, reduced once at the epoch's end, so the value depends on the weights and data alone.
+        n = z0.shape[0]
+        keys = list(batch.get("key") or [f"{batch_idx}:{i}" for i in range(n)])
+        noise = keyed_noise(keys, tuple(z0.shape[1:]), self.hparams.val_seed).to(z0)
+        for k, t in enumerate(self._val_timesteps.to(z0.device)):
+            per_sample, _ = self.denoising_error(self.ema.model, z0, noise, t.expand(n), context)
+            self._val_sums[k] += per_sample.sum()
+        self._val_count += n
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
+        self._log_val_loss()
         if self.val_metrics is not None:
             self._log_generation_metrics()
         prompts = self.hparams.val_prompts
