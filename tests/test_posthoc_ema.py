@@ -205,3 +205,18 @@ def test_bad_settings_fail_at_start(tmp_path):
     proc = run_script("train.py", "stage=ldm", "--cfg", "job", cwd=tmp_path)  # off by default
     assert "sigma_rels: []" in proc.stdout
     assert ROOT.joinpath("docs", "posthoc_ema.md").is_file()
+
+
+def test_profile_updates_read_nothing_to_the_host(tmp_path, tiny_shapes, monkeypatch, one_thread):
+    """The profiles' per-step update adds no host read or collective (tests/test_host_sync.py's counter)."""
+    from ldm.autoencoder.model import AutoencoderKL
+    from tests.test_host_sync import _check, _train
+
+    torch.manual_seed(0)
+    AutoencoderKL(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=16,
+                  norm_num_groups=4).save_pretrained(tmp_path / "exports" / "autoencoder")
+    counter = _train(tmp_path, monkeypatch, "stage=ldm", f"data.train_shards={tiny_shapes}/train",
+                     f"data.val_shards={tiny_shapes}/val", "paths.exports=exports", "stage.module.scale_factor=1.0",
+                     "model.posthoc_ema.sigma_rels=[0.05,0.1]", "model.posthoc_ema.snapshot_every=1000")
+    _check(counter, "ldm with post-hoc EMA")
+    assert len(list_snapshots(tmp_path / "run" / "posthoc_ema")) == 2  # the end of training's

@@ -322,6 +322,8 @@ class LatentDiffusionModule(pl.LightningModule):
             raise ValueError("model.posthoc_ema is not supported with trainer=fsdp (the profiles would need the "
                              "UNet's sharding); use trainer=ddp or turn it off (model.posthoc_ema.sigma_rels=[])")
         self._snapshot_step = None
+        for profile in (*self.posthoc_ema.profiles, *self.posthoc_ema.tracked):
+            profile.updates()  # the one host read of the update counts, before the loop (as for the EMA)
         if self.global_rank != 0:
             return
         step, folder = self.trainer.global_step, self._snapshot_dir()
