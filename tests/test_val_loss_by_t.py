@@ -103,6 +103,6 @@ def test_same_values_on_one_and_two_ranks_and_after_resume(tmp_path, tiny_shapes
     assert len(one) == 6 and one["val/loss"] > 0, one
     assert two == pytest.approx(one, rel=1e-5)
     assert resumed == pytest.approx(one, rel=1e-4)  # resumed training: the weights agree to float summation order
-    # Every one of the 24 validation samples counted once (24 = 4 batches of 5 on 1 rank, 2+ per rank on 2).
+    # Batches of 5 over 24 samples: 5 batches on one rank, 12 samples (3 batches, one partial) on each of two.
     summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step0000002.ckpt") and summary["global_step"] == 2
