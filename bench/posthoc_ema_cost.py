@@ -6,7 +6,8 @@
 A step is forward, MSE, backward, AdamW and today's EMA update (what stage=ldm does every step); "on" adds the
 update of two profiles (sigma_rel 0.05 and 0.10, model.posthoc_ema's example). Both run in one process on the
 same model, alternating which goes first each repeat, after a warm-up; medians are reported and
-ratio = on / off (1.05: profiles add 5% to a step). The snapshot columns write both profiles the way training
+ratio = on / off (1.05: profiles add 5% to a step); the profiles' update is also timed alone (update_ms,
+ratio_from_update = (off + update) / off), which a busy machine disturbs less. The snapshot columns write both profiles the way training
 does every snapshot_every steps (ldm.checkpoints.ema_snapshots): seconds per snapshot and MB on disk, per
 profile file and per snapshot; amortised over snapshot_every steps the write is the last column.
 """
@@ -75,6 +76,14 @@ def measure(preset: str, device: torch.device, dtype: torch.dtype, repeats: int,
         for profiles in ((False, True) if i % 2 == 0 else (True, False)):
             times[profiles].append(step(profiles))
     off, on = statistics.median(times[False]), statistics.median(times[True])
+    updates = []  # the profiles' update alone: steadier than a difference of two noisy step times
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        posthoc.update({"unet": unet})
+        sync(device)
+        updates.append(time.perf_counter() - start)
+    update = statistics.median(updates)
 
     with tempfile.TemporaryDirectory() as tmp:
         writes = []
@@ -88,6 +97,7 @@ def measure(preset: str, device: torch.device, dtype: torch.dtype, repeats: int,
     return {"preset": preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "params_M": round(params / 1e6, 2), "step_off_ms": round(off * 1e3, 2), "step_on_ms": round(on * 1e3, 2),
             "ratio_on_off": round(on / off, 3), "ratio_of_min": round(min(times[True]) / min(times[False]), 3),
+            "update_ms": round(update * 1e3, 2), "ratio_from_update": round((off + update) / off, 3),
             "profile_memory_MB": round(2 * params * 4 / 1e6, 1),
             "MB_per_profile_file": round(sizes[0] / 1e6, 2), "MB_per_snapshot": round(sum(sizes) / 1e6, 2),
             "snapshot_write_s": round(snapshot_s, 3),
