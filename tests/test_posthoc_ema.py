@@ -186,6 +186,13 @@ def test_train_reconstruct_resume_and_sample(tmp_path, tiny_shapes):
             assert error < 0.10 * spread, (float(error), float(spread))
         info = json.loads((export / "posthoc_ema.json").read_text())
         assert info["step"] == 5 and len(info["snapshots"]) == 6
+    # step=4: the EMA as of step 4, from the snapshots up to it; at a profile's own length, that snapshot.
+    assert reconstruct_main([str(run), f"sigma_rel={SIGMAS[1]}", "step=4", f"out={tmp_path / 'at4'}"]) == 0
+    at4 = _tensors(tmp_path / "at4" / f"sigma_rel_{SIGMAS[1]:.4f}" / "unet_ema.safetensors")
+    for key, value in _tensors(_only(snaps, "profile", SIGMAS[1], 4)).items():
+        if key.startswith("unet."):
+            torch.testing.assert_close(at4[key[len("unet."):]], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert reconstruct_main([str(tmp_path), "sigma_rel=0.07"]) == 2  # no snapshots there: a message, no traceback
     # sample.py takes a reconstruction like any export.
     samples = tmp_path / "samples"
     run_script("sample.py", f"ckpt={out / 'sigma_rel_0.0700'}", "prompt=a red circle", "num_images=1", "steps=2",
