@@ -4,7 +4,8 @@ Per style (SD 1 and SD 2, see tests/sd_pipelines.py): train.py stage=ldm model.i
 at lr 1e-12, then
 - the exported pipeline equals the original (every tensor within 1e-5, no missing or unexpected keys) and
   diffusers draws the same picture from both;
-- sample.py on the export draws diffusers' picture from the same prompt, seed, DDIM steps and guidance;
+- sample.py on the export draws diffusers' picture from the same prompt, seed, DDIM steps and guidance, also
+  with the scheduler loaded alone (DDIMScheduler.from_pretrained(export, subfolder="scheduler"));
 - StableDiffusionPipeline.from_single_file(export/sd.safetensors, config=export/diffusers) holds the same weights;
 - model.init_from=export (our bundle) and =sd.safetensors read back the same weights and settings.
 """
@@ -90,6 +91,16 @@ def test_sample_py_draws_diffusers_picture(trained, one_thread):
     theirs = draw(back, PROMPT, SEED, STEPS, GUIDANCE)
     diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
     print(f"{style} sample.py vs diffusers on the export: max pixel difference {diff}/255")
+    assert diff <= 2
+    # The common way to pick a scheduler: DDIMScheduler.from_pretrained gets diffusers' own defaults
+    # (clip_sample=True, set_alpha_to_one=True) for every key the export leaves out.
+    scheduler = diffusers.DDIMScheduler.from_pretrained(export / "diffusers", subfolder="scheduler")
+    config = scheduler.config
+    assert (config.clip_sample, config.set_alpha_to_one, config.thresholding) == (False, True, False)
+    swapped = diffusers.StableDiffusionPipeline(**back.components)
+    swapped.scheduler = scheduler  # after construction: the pipeline's own clip_sample correction is bypassed
+    diff = np.abs(ours.astype(int) - draw(swapped, PROMPT, SEED, STEPS, GUIDANCE).astype(int)).max()
+    print(f"{style} sample.py vs diffusers with DDIMScheduler.from_pretrained: max pixel difference {diff}/255")
     assert diff <= 2
 
 

@@ -30,7 +30,8 @@ def scheduler_config(prediction_type: str, schedule: dict[str, Any] | None) -> d
             "num_train_timesteps": int(s["num_train_timesteps"]), "beta_start": float(s["beta_start"]),
             "beta_end": float(s["beta_end"]), "beta_schedule": BETA_SCHEDULES[s["beta_schedule"]],
             "trained_betas": None, "prediction_type": prediction_type, "timestep_spacing": "trailing",
-            "steps_offset": 1,  # unused by trailing spacing; diffusers rewrites other values with a warning "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
+            # steps_offset is unused by trailing spacing; diffusers rewrites other values with a warning
+            "steps_offset": 1, "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
             "rescale_betas_zero_snr": bool(s["rescale_zero_terminal_snr"]), "sample_max_value": 1.0,
             "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995}
 

@@ -1,8 +1,10 @@
 """`model.init_from` / `model.unet.init_from`: start stage=ldm from a published or earlier model.
 
 The architecture comes from the files; so do the settings the model was trained with (prediction type, beta
-schedule, scale factor, text layer) unless the command line sets them, which wins. A command-line
-architecture value the files contradict stops the run at start-up, naming the key.
+schedule, scale factor, text layer). Precedence: recipe and experiment presets < the files < the command line.
+The sampler follows the prediction type: a recipe's flow sampler gives way to a diffusion one when the files
+say epsilon or v_prediction, unless the command line names it. A command-line value the files contradict (an
+architecture key, a sampler that cannot sample the loaded model) stops the run at start-up, naming the key.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.diffusion.samplers import SAMPLERS, check_sampler
 from ldm.train.checks import ConfigError
 
 # Keys that do not change the weights' shapes or meaning: kept from the run's config.
 UNET_RUN_KEYS = ("use_checkpoint", "dropout")
 TEXT_RUN_KEYS = ("freeze", "cache_dir", "seed")
 MODULE_SETTINGS = ("prediction_type", "schedule", "scale_factor", "flow")
+# What a run samples with when the loaded prediction type rules out the configured sampler: stage/ldm.yaml's
+# default for diffusion models, experiment=flow's for flow models.
+DEFAULT_SAMPLERS = {"epsilon": "ddim", "v_prediction": "ddim", "flow": "euler"}
 
 
 @dataclass
@@ -88,6 +94,26 @@ def _settings(cfg: DictConfig, found: dict[str, Any], explicit: set[str], source
     return out
 
 
+def _sampler(cfg: DictConfig, settings: dict[str, Any], explicit: set[str], source: str) -> dict[str, Any]:
+    """{"sampler": ...} when the files' prediction type rules out the configured (recipe or preset) sampler."""
+    if "prediction_type" not in settings:
+        return {}
+    prediction, sampler = settings["prediction_type"], cfg.stage.module.get("sampler")
+    if sampler not in SAMPLERS:
+        return {}  # an unknown name: check_ldm says so, naming the key
+    try:
+        check_sampler(sampler, prediction)
+        return {}
+    except ValueError as err:
+        if "stage.module.sampler" in explicit:
+            raise ConfigError(f"stage.module.sampler={sampler!r} (command line) cannot sample {source}, whose "
+                              f"prediction_type is {prediction!r}: {err}") from None
+    chosen = DEFAULT_SAMPLERS[prediction]
+    print(f"[ldm] stage.module.sampler: {chosen!r} for {source}'s prediction_type={prediction!r} (the config's "
+          f"{sampler!r} samples another kind of model; name one on the command line to choose)")
+    return {"sampler": chosen}
+
+
 def plan_init(cfg: DictConfig, overrides: list[str] | None) -> InitPlan | None:
     """What model.init_from / model.unet.init_from load; None when neither is set."""
     model = cfg.model
@@ -119,6 +145,7 @@ def plan_init(cfg: DictConfig, overrides: list[str] | None) -> InitPlan | None:
     plan.kwargs["unet"] = _arch("unet", cfg, found.unet_config, explicit, UNET_RUN_KEYS)
     plan.kwargs["text_encoder"] = _arch("text_encoder", cfg, found.text_config, explicit, TEXT_RUN_KEYS)
     plan.kwargs.update(_settings(cfg, found.settings, explicit, str(whole)))
+    plan.kwargs.update(_sampler(cfg, plan.kwargs, explicit, str(whole)))
     if model.autoencoder.get("init_from"):
         print(f"[ldm] model.autoencoder.init_from={model.autoencoder.init_from} wins over {whole}'s autoencoder")
     else:
