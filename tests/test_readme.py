@@ -28,9 +28,6 @@ from .conftest import ROOT
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-# Pages the README's table of contents names before they exist (other issues write them); a link to one of
-# these may dangle until it lands.
-PENDING_PAGES = {"docs/posthoc_ema.md"}
 
 SKIP = {
     "make train": "the 20-minute built-in run; its steps (train.py stage=vae, python -m ldm.data.latents, "
@@ -308,8 +305,7 @@ def test_links_between_pages_resolve():
             path, _, anchor = target.partition("#")
             file = (page.parent / path).resolve() if path else page
             if not file.exists():
-                if str(file.relative_to(ROOT)) not in PENDING_PAGES:
-                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
             elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "links that lead nowhere:\n" + "\n".join(broken)
