@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The layers of DESIGN.md "Package layout", lowest first; the longest matching prefix wins.
 LAYERS: list[tuple[str, int, str]] = [
+    ("ldm.errors", 0, "base"),
     ("ldm.nn", 0, "nn"),
     ("ldm.data", 0, "data"),
     ("ldm.autoencoder", 1, "models"),
