@@ -54,6 +54,16 @@ def start_ranks(tmp_path: Path, args: list[str], restarts: int, tag: str) -> lis
     return procs
 
 
+def wait_for_ranks(what: str, predicate, timeout: float, procs: list[subprocess.Popen], tmp_path: Path, tag: str):
+    """wait_for on rank 0 that, when a rank ends early, shows every rank's log (not only its exit code)."""
+    try:
+        wait_for(what, predicate, timeout, procs[0])
+    except AssertionError as err:
+        logs = "\n".join(f"--- rank {r} (exit {p.poll()}) ---\n{(tmp_path / f'{tag}-rank{r}.log').read_text()[-3000:]}"
+                         for r, p in enumerate(procs))
+        raise AssertionError(f"{err}\n{logs}") from None
+
+
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
     """Exit codes after `timeout` seconds at most; a rank still running then is killed (None: it hung)."""
     deadline = time.time() + timeout
@@ -80,7 +90,8 @@ def test_usr1_at_different_moments_saves_once_at_one_step_requeues_once_and_resu
     procs = start_ranks(tmp_path, [*args, "trainer.max_steps=100000"], restarts=0, tag="first")
     (tmp_path / "pgids").write_text(" ".join(str(p.pid) for p in procs))
     try:
-        wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, procs[0])
+        wait_for_ranks("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240,
+                       procs, tmp_path, "first")
         for rank, proc in enumerate(procs):  # rank 0 now, rank 1 a little later: other points of their steps
             time.sleep(0.35 * rank)
             try:
@@ -130,7 +141,8 @@ def test_sigterm_on_one_rank_stops_both_after_the_same_step(tmp_path, tiny_shape
             "faults.collective_timeout_s=60", "trainer.max_steps=100000", f"hydra.run.dir={run}"]
     procs = start_ranks(tmp_path, args, restarts=0, tag="term")
     try:
-        wait_for("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240, procs[0])
+        wait_for_ranks("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240,
+                       procs, tmp_path, "term")
         os.killpg(procs[1].pid, signal.SIGTERM)  # rank 1 and its loader workers (which ignore it)
         codes = finish(procs, 120)
     finally:

@@ -20,7 +20,7 @@ from ldm.diffusion.samplers import check_guidance_interval, check_sampler, class
 from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
 from ldm.diffusion.weighting import min_snr_weight
-from ldm.metrics.generation import GenerationMetrics
+from ldm.metrics.generation import METRIC_SEED_OFFSET, GenerationMetrics, metric_seeds, sample_and_score
 from ldm.train.faults import skip_nonfinite
 from ldm.train.images import log_image, make_grid
 from ldm.train.optim import adamw_with_warmup, check_decay_fraction, clip_gradients
@@ -428,10 +428,8 @@ class LatentDiffusionModule(pl.LightningModule):
         prompts = self._metric_prompts
         first = sum(self._metric_share(r) for r in range(self.global_rank))
         batch = max(1, self.trainer.datamodule.val_batch_size if self.trainer.datamodule is not None else 16)
-        for start in range(0, len(prompts), batch):
-            chunk = prompts[start:start + batch]
-            seeds = [self.hparams.val_seed + 100_000 + first + start + i for i in range(len(chunk))]
-            metrics.update_generated(self.generate(chunk, seeds=seeds), chunk)
+        seeds = metric_seeds(self.hparams.val_seed + METRIC_SEED_OFFSET, first, len(prompts))
+        sample_and_score(lambda p, s: self.generate(p, seeds=s), metrics, prompts, seeds, batch)  # = ldm.evaluate's
         values = metrics.compute()  # synchronizes the metric states across ranks
         metrics.reset()
         self.log_dict({f"val/{k}": float(v) for k, v in values.items()}, rank_zero_only=True, batch_size=1)

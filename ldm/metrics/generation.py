@@ -7,6 +7,7 @@ synchronizes the states across ranks. FID keeps its real-image statistics across
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,37 @@ from torch import nn
 from ldm.metrics.clip_score import build_clip_score
 from ldm.metrics.fid import build_fid
 from ldm.metrics.precision import float32_metrics
+
+# Metric samples are seeded apart from validation's image grid (which uses val_seed + i): sample i of the metric
+# set uses val_seed + METRIC_SEED_OFFSET + i, in training's validation and in `python -m ldm.evaluate` alike.
+METRIC_SEED_OFFSET = 100_000
+
+
+def rank_share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of sample indices rank `rank` draws: contiguous, the first ranks take the remainder, so
+    the set of (index, seed) pairs over all ranks does not depend on the world size."""
+    per, extra = divmod(total, world_size)
+    start = rank * per + min(rank, extra)
+    return start, start + per + (rank < extra)
+
+
+def metric_seeds(base: int, start: int, count: int) -> list[int]:
+    """The seed of each of samples start .. start + count - 1: one seed per sample index."""
+    return [base + start + i for i in range(count)]
+
+
+def sample_and_score(generate: Callable[[list[str], list[int]], torch.Tensor], metrics: GenerationMetrics,
+                     prompts: list[str], seeds: list[int], batch_size: int,
+                     on_batch: Callable[[int, torch.Tensor, list[str]], None] | None = None) -> None:
+    """The one sampling loop behind FID and CLIP score, for validation and `ldm.evaluate`: prompt i is drawn
+    with seeds[i] by `generate(prompts, seeds) -> images in [-1, 1]` and fed to the metrics' generated side;
+    `on_batch(offset, images, prompts)` sees each batch too (saving, prompt accuracy)."""
+    for start in range(0, len(prompts), max(1, batch_size)):
+        chunk = prompts[start:start + batch_size]
+        images = generate(chunk, seeds[start:start + batch_size])
+        metrics.update_generated(images, chunk)
+        if on_batch is not None:
+            on_batch(start, images, chunk)
 
 
 def _enabled(section: dict[str, Any] | None) -> bool:
@@ -51,6 +83,20 @@ class GenerationMetrics(nn.Module):
                 self.fid.update(images, real=False)
             if self.clip_score is not None:
                 self.clip_score.update(images * 255, list(prompts))
+
+    REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+    def real_statistics(self) -> dict[str, torch.Tensor]:
+        """This rank's FID reference state (feature sum, outer-product sum, count): what a statistics file holds."""
+        return {name: getattr(self.fid, name).detach().clone() for name in self.REAL_STATES}
+
+    def load_real_statistics(self, stats: dict[str, torch.Tensor] | None) -> None:
+        """Set the reference state; None zeroes it. The states are summed over ranks at compute(), so a
+        statistics file goes into one rank and the others load None."""
+        for name in self.REAL_STATES:
+            state = getattr(self.fid, name)
+            state.copy_(stats[name].to(state) if stats is not None else torch.zeros_like(state))
+        self.has_real = True
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {}

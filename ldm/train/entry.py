@@ -20,7 +20,7 @@ import urllib.error
 from collections.abc import Callable
 from typing import Any
 
-SHARD_KEYS = ("data.train_shards", "data.val_shards")
+SHARD_KEYS = ("data.train_shards", "data.val_shards", "ref_shards")  # ref_shards: python -m ldm.evaluate
 EXIT_BAD_SETTING = 2
 
 _KEYS = "|".join(map(re.escape, SHARD_KEYS))
