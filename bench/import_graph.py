@@ -50,6 +50,8 @@ LAYERS: list[tuple[str, int, str]] = [
     ("ldm.evaluate", 4, "top"),
     ("ldm.prefetch", 4, "top"),
     ("ldm.ema_reconstruct", 4, "top"),
+    ("ldm.reference_images", 4, "top"),
+    ("ldm.sweep_table", 4, "top"),
 ]
 
 
