@@ -49,6 +49,8 @@ BENCHMARKS: list[Bench] = [
     Bench("loader_speed", "bench/loader_speed.py", "--num 256 --repeats {repeats}", devices=("cpu",)),
     Bench("latent_speedup", "bench/latent_speedup.py",
           "--autoencoders tiny,kl_f8 --batch 4 --repeats {repeats} --threads {threads}", devices=("cpu",)),
+    Bench("posthoc_ema_cost", "bench/posthoc_ema_cost.py",
+          "--presets {sizes} --repeats {repeats} --threads {threads} --device {device} --dtype {dtype}"),
 ]
 
 

@@ -100,12 +100,15 @@ def load_ldm(path: str | Path, overrides: dict[str, Any] | None = None) -> Laten
     would download weights on an offline node, are not built. The module's settings still name the
     checkpoint's metrics, so an export of it records them as trained.
     """
-    metrics = read_hparams(path).get("metrics")  # also refuses a foreign or code-carrying file, in one line
-    no_metrics = {"metrics": None, **(overrides or {})}
+    hparams = read_hparams(path)  # also refuses a foreign or code-carrying file, in one line
+    metrics = hparams.get("metrics")
+    # Nor the post-hoc EMA profiles (copies of the UNet that only training updates).
+    no_metrics = {"metrics": None, "posthoc_ema": None, **(overrides or {})}
     if Path(path).is_dir():
         module = load_bundle(path, no_metrics)
     else:
         module = LatentDiffusionModule.load_from_checkpoint(str(path), map_location="cpu", autoencoder_path=None,
                                                             weights_only=True, **no_metrics)
     module.hparams["metrics"] = metrics
+    module.hparams["posthoc_ema"] = hparams.get("posthoc_ema")
     return module.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,13 +13,16 @@ import torch
 from ldm.autoencoder.distribution import DiagonalGaussian
 from ldm.autoencoder.identity import build_autoencoder
 from ldm.autoencoder.model import AutoencoderKL
+from ldm.checkpoints.ema_snapshots import SNAPSHOT_DIR, carry_over, prune_after, snapshot_profiles
 from ldm.conditioning import build_conditioner, rebuilt_from_name
 from ldm.data.captions import pick_captions
 from ldm.diffusion.ema import EMA
 from ldm.diffusion.objectives import check_prediction_type, training_target
+from ldm.diffusion.posthoc_ema import PosthocEMA
 from ldm.diffusion.samplers import check_guidance_interval, check_sampler, classifier_free_guidance, sample
 from ldm.diffusion.schedule import build_schedule
 from ldm.diffusion.unet import UNetModel
+from ldm.diffusion.val_loss import keyed_noise, quantile_timesteps
 from ldm.diffusion.weighting import min_snr_weight
 from ldm.metrics.generation import METRIC_SEED_OFFSET, GenerationMetrics, metric_seeds, sample_and_score
 from ldm.train.faults import skip_nonfinite
@@ -28,6 +32,7 @@ from ldm.train.rng import step_generators
 
 # A frozen published text tower is left out of checkpoints (see on_save_checkpoint); its fingerprint stays.
 _TEXT_PREFIX, _TEXT_FINGERPRINT = "text_encoder.", "text_encoder_fingerprint"
+_POSTHOC_PREFIX, _POSTHOC_LENGTHS = "posthoc_ema.", "posthoc_ema_sigma_rels"
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> list[float]:
@@ -49,7 +54,8 @@ class LatentDiffusionModule(pl.LightningModule):
                  guidance_scale: float = 3.0, guidance_interval: list[float] | None = None, eta: float = 0.0,
                  val_prompts: list[str] | None = None,
                  val_seed: int = 0, score_shapes: bool = False, flow: dict[str, Any] | None = None,
-                 seed: int = 0, metrics: dict[str, Any] | None = None, model_guidance: float = 0.0):
+                 seed: int = 0, metrics: dict[str, Any] | None = None, model_guidance: float = 0.0,
+                 posthoc_ema: dict[str, Any] | None = None, val_loss_buckets: int = 5):
         super().__init__()
         check_prediction_type(prediction_type)
         check_sampler(sampler, prediction_type)
@@ -78,7 +84,10 @@ class LatentDiffusionModule(pl.LightningModule):
         self.conditioner_trains = any(p.requires_grad for p in self.text_encoder.parameters())
         self.text_encoder_ema = EMA(self.text_encoder, decay=ema_decay) if self.conditioner_trains else None
         self._ema_step: int | None = None  # the global step the EMA last averaged (see on_train_batch_end)
+        self.posthoc_ema, self.snapshot_every = self._build_posthoc_ema(posthoc_ema)
+        self._snapshot_step: int | None = None  # the global step of the last snapshots written
         self.schedule = build_schedule(prediction_type, schedule, flow)
+        self._val_timesteps, self._val_bucket_names = quantile_timesteps(self.schedule, val_loss_buckets)
         # <= 0 means "not yet estimated": set from the first batch (the paper's scale_by_std).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or -1.0)))
         self._scale_factor_checked = False
@@ -172,6 +181,7 @@ class LatentDiffusionModule(pl.LightningModule):
             if ema is not None:
                 ema.current_decay()
         self._ema_step = self.trainer.global_step  # 0, or the resumed checkpoint's step (once per optimizer step)
+        self._start_snapshots()
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._ensure_scale_factor(batch)
@@ -261,6 +271,77 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.text_encoder_ema is not None:
             self.text_encoder_ema.update(self.text_encoder)
         self.log("train/ema_decay", self.ema.decay_tensor(), batch_size=1)  # a device tensor: no copy per step
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.update(self._posthoc_sources())
+            if step is not None and step % self.snapshot_every == 0:
+                self._write_snapshots(step)
+
+    # ------------------------------------------------------------------ post-hoc EMA (ldm.diffusion.posthoc_ema)
+    _POSTHOC_KEYS = frozenset({"sigma_rels", "snapshot_every", "track"})
+
+    def _build_posthoc_ema(self, config: dict[str, Any] | None) -> tuple[PosthocEMA | None, int]:
+        config = dict(config or {})
+        unknown = sorted(set(config) - self._POSTHOC_KEYS)
+        if unknown:
+            raise ValueError(f"model.posthoc_ema: unknown keys {unknown}; known: {sorted(self._POSTHOC_KEYS)}")
+        sigma_rels = [float(s) for s in config.get("sigma_rels") or []]
+        track = [float(s) for s in config.get("track") or []]
+        if not sigma_rels:
+            if track:
+                raise ValueError("model.posthoc_ema.track needs model.posthoc_ema.sigma_rels: tracked profiles "
+                                 "check reconstructions from the snapshotted ones")
+            return None, 0
+        every = config.get("snapshot_every")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"model.posthoc_ema.snapshot_every must be a positive number of steps, got {every!r}")
+        try:
+            return PosthocEMA(self._posthoc_sources(), sigma_rels, track), every
+        except ValueError as err:
+            raise ValueError(f"model.posthoc_ema.sigma_rels / track: {err}") from None
+
+    def _posthoc_sources(self) -> dict[str, torch.nn.Module]:
+        """What the profiles average: the UNet, and a trained conditioner (it is sampled with the UNet)."""
+        return {"unet": self.unet, **({"text_encoder": self.text_encoder} if self.conditioner_trains else {})}
+
+    def _snapshot_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir) / SNAPSHOT_DIR
+
+    def _write_snapshots(self, step: int) -> None:
+        """Rank 0 writes (every rank holds the same profiles); the reads to the host happen only here."""
+        if self.global_rank == 0:
+            snapshot_profiles(self._snapshot_dir(), self.posthoc_ema, step)
+        self._snapshot_step = step
+
+    def _start_snapshots(self) -> None:
+        """At the start of fit: a resumed run keeps the snapshots its profiles descend from and no others."""
+        if self.posthoc_ema is None:
+            return
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("model.posthoc_ema is not supported with trainer=fsdp (the profiles would need the "
+                             "UNet's sharding); use trainer=ddp or turn it off (model.posthoc_ema.sigma_rels=[])")
+        self._snapshot_step = None
+        for profile in (*self.posthoc_ema.profiles, *self.posthoc_ema.tracked):
+            profile.updates()  # the one host read of the update counts, before the loop (as for the EMA)
+        if self.global_rank != 0:
+            return
+        step, folder = self.trainer.global_step, self._snapshot_dir()
+        removed = prune_after(folder, step)
+        ckpt = self.trainer.ckpt_path
+        copied = []
+        if ckpt:
+            ckpt = Path(ckpt)
+            source_run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            copied = carry_over(source_run / SNAPSHOT_DIR, folder, step)
+        if removed or copied:
+            print(f"[ldm] post-hoc EMA: resumed at step {step}: {len(copied)} snapshots carried over from "
+                  f"{source_run / SNAPSHOT_DIR}, {len(removed)} written after step {step} removed")
+
+    def on_train_end(self) -> None:
+        """The last step's profiles, so a reconstruction can target where training ended."""
+        if self.posthoc_ema is not None and self._snapshot_step != self.trainer.global_step:
+            self._write_snapshots(self.trainer.global_step)
 
     def configure_optimizers(self) -> dict:
         unet = list(self.unet.parameters())
@@ -358,6 +439,19 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._metric_images, self._metric_prompts = [], []
+        self._val_sums = torch.zeros(len(self._val_timesteps), dtype=torch.float32, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def _log_val_loss(self) -> None:
+        """val/loss and val/loss_by_t/<bucket>: per-bucket sums and the sample count, summed over ranks on the
+        root device in float32, then divided: the mean over every validation sample, whatever the world size."""
+        strategy = self.trainer.strategy
+        totals = torch.cat([self._val_sums, self._val_count.view(1)]).to(strategy.root_device)
+        totals = strategy.reduce(totals, reduce_op="sum")
+        by_t = totals[:-1] / totals[-1].clamp(min=1.0)
+        self.log("val/loss", by_t.mean(), batch_size=1)
+        self.log_dict({f"val/loss_by_t/{name}": by_t[k] for k, name in enumerate(self._val_bucket_names)},
+                      batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         captions = list(batch["caption"])
@@ -377,15 +471,20 @@ class LatentDiffusionModule(pl.LightningModule):
             context = (context[:, 0] if context.ndim == 4 else context).float()
         else:
             context = self.encode_text(captions, use_ema=True)
-        g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
-        noise = torch.randn(z0.shape, generator=g).to(z0)
-        t = self.schedule.sample_timesteps(z0.shape[0], torch.device("cpu"), generator=g).to(z0.device)
-        per_sample, _ = self.denoising_error(self.ema.model, z0, noise, t, context)
-        self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=z0.shape[0])
+        # Every sample at every bucket's timestep, with noise from its key (ldm.diffusion.val_loss): sums and a
+        # count per rank, reduced once at the epoch's end, so the value depends on the weights and data alone.
+        n = z0.shape[0]
+        keys = list(batch.get("key") or [f"{batch_idx}:{i}" for i in range(n)])
+        noise = keyed_noise(keys, tuple(z0.shape[1:]), self.hparams.val_seed).to(z0)
+        for k, t in enumerate(self._val_timesteps.to(z0.device)):
+            per_sample, _ = self.denoising_error(self.ema.model, z0, noise, t.expand(n), context)
+            self._val_sums[k] += per_sample.sum()
+        self._val_count += n
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
+        self._log_val_loss()
         if self.val_metrics is not None:
             self._log_generation_metrics()
         prompts = self.hparams.val_prompts
@@ -437,6 +536,8 @@ class LatentDiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
+        if self.posthoc_ema is not None:  # which length each saved profile is: a resume must not relabel them
+            checkpoint[_POSTHOC_LENGTHS] = self._posthoc_lengths()
         for key in [k for k in state if k.startswith("val_metrics.")]:
             del state[key]
         if rebuilt_from_name(self.hparams.text_encoder):  # a frozen published tower: rebuilt on load
@@ -446,6 +547,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._scale_factor_checked = False  # the checkpoint's scale_factor replaces whatever was checked
         state = checkpoint["state_dict"]
+        self._load_posthoc_state(checkpoint)
         if _TEXT_FINGERPRINT in checkpoint:  # saved without the frozen tower: this module rebuilt it
             tower = {k: v for k, v in self.state_dict().items() if k.startswith(_TEXT_PREFIX)}
             want, got = checkpoint[_TEXT_FINGERPRINT], _fingerprint(tower)
@@ -456,4 +558,24 @@ class LatentDiffusionModule(pl.LightningModule):
             state.update(tower)
         for key, value in self.state_dict().items():
             if key.startswith("val_metrics."):
+                state.setdefault(key, value)
+
+    def _posthoc_lengths(self) -> dict[str, list[float]]:
+        return {"sigma_rels": [p.sigma_rel for p in self.posthoc_ema.profiles],
+                "track": [p.sigma_rel for p in self.posthoc_ema.tracked]}
+
+    def _load_posthoc_state(self, checkpoint: dict) -> None:
+        """Profiles in a checkpoint load into profiles of the same lengths; a module without profiles (sampling,
+        export) drops them; profiles turned on at a resume start from there (their t counts from the resume)."""
+        state = checkpoint["state_dict"]
+        if self.posthoc_ema is None:
+            for key in [k for k in state if k.startswith(_POSTHOC_PREFIX)]:
+                del state[key]
+            return
+        saved = checkpoint.get(_POSTHOC_LENGTHS)
+        if saved is not None and saved != self._posthoc_lengths():
+            raise ValueError(f"model.posthoc_ema: this checkpoint's profiles are {saved}, the config asks for "
+                             f"{self._posthoc_lengths()}; resume with the same sigma_rels and track")
+        for key, value in self.state_dict().items():
+            if key.startswith(_POSTHOC_PREFIX):
                 state.setdefault(key, value)
