@@ -18,7 +18,8 @@ from ldm.train.checks import ConfigError
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, runs: str = "runs") -> list[Path]:
     """Load a checkpoint (a .ckpt, a bundle folder, a run folder or "latest") and write every layout to `out`."""
-    from ldm.checkpoints.bundle import load_ldm, write_bundle
+    # reason: start-up time of `python -m ldm.export`: --help and argument errors come before Lightning loads
+    from ldm.bundle import load_ldm, write_bundle
     from ldm.sampling import resolve_checkpoint
 
     path = resolve_checkpoint(str(ckpt), runs)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldm.errors import ConfigError
+
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # what torchmetrics' FID loads
@@ -171,8 +173,6 @@ def needed_weights(cfg: Any) -> list[Weight]:
 
 def prefetch(cfg: Any, log: Callable[[str], None] = print) -> list[Weight]:
     """Download every missing file `cfg` needs into the cache; returns the list, each present afterwards."""
-    from ldm.train.checks import ConfigError
-
     needed = needed_weights(cfg)
     if not needed:
         log("[ldm] this config loads no pretrained weights; nothing to fetch")
@@ -206,8 +206,6 @@ def use_offline_cache(cfg: Any, overrides: list[str] | None = None) -> list[Weig
     """offline=true at start-up: every needed file must be in the cache (a ConfigError names each missing
     one); then the hubs are switched off and each loader is pointed at its file, by config key."""
     from omegaconf import OmegaConf, open_dict
-
-    from ldm.train.checks import ConfigError
 
     needed = needed_weights(cfg)
     missing = [w for w in needed if not w.present()]

@@ -8,7 +8,6 @@ pixel space (docs/results.md).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ import torch
 from torch import nn
 
 from ldm.autoencoder.distribution import DiagonalGaussian
+from ldm.autoencoder.model import AutoencoderKL
 
 KIND = "identity"
-CONFIG_NAME = "autoencoder.json"
 
 
 class IdentityAutoencoder(nn.Module):
@@ -52,25 +51,14 @@ class IdentityAutoencoder(nn.Module):
 
     def save_pretrained(self, directory: str | Path, format: str = "ldm", **kwargs: Any) -> Path:
         """Only our own layout, a config without weights; diffusers and CompVis have no identity VAE."""
-        if format != "ldm":
-            raise ValueError(f"the identity autoencoder has no {format} layout")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
-        return directory
+        # reason: a one-line hand-off to the format layer, which sits above the model (layering)
+        from ldm.checkpoints.autoencoder import save_autoencoder
+
+        return save_autoencoder(self, directory, format, **kwargs)
 
 
 def is_identity(config: dict[str, Any] | None) -> bool:
     return bool(config) and config.get("kind") == KIND
-
-
-def read_identity_export(path: str | Path) -> IdentityAutoencoder | None:
-    """The identity autoencoder when `path` is its export (autoencoder.json with kind identity), else None."""
-    config_file = Path(path) / CONFIG_NAME
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    return IdentityAutoencoder(**config) if is_identity(config) else None
 
 
 def build_autoencoder(config: dict[str, Any]) -> nn.Module:
@@ -78,6 +66,4 @@ def build_autoencoder(config: dict[str, Any]) -> nn.Module:
     arch = {k: v for k, v in config.items() if k not in ("init_from", "kind")}
     if is_identity(config):
         return IdentityAutoencoder(**arch)
-    from ldm.autoencoder.model import AutoencoderKL
-
     return AutoencoderKL(**arch)

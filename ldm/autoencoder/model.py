@@ -1,8 +1,7 @@
-"""AutoencoderKL: the first stage of latent diffusion, a plain nn.Module."""
+"""AutoencoderKL: the first stage of latent diffusion, a plain nn.Module that knows nothing of files."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,6 @@ from torch import nn
 
 from ldm.autoencoder.distribution import DiagonalGaussian
 from ldm.autoencoder.encoder import Decoder, Encoder
-
-CONFIG_NAME = "autoencoder.json"
-WEIGHTS_NAME = "autoencoder.safetensors"
 
 
 class AutoencoderKL(nn.Module):
@@ -62,7 +58,7 @@ class AutoencoderKL(nn.Module):
         """The decoder's output conv weight, where the adaptive GAN weight measures gradient norms."""
         return self.decoder.conv_out.weight
 
-    # ---- export / import ----------------------------------------------------------------------------
+    # ---- files: the format layer (ldm.checkpoints.autoencoder) reads and writes them -------------------
     def save_pretrained(self, directory: str | Path, format: str = "ldm", **kwargs: Any) -> Path:
         """Export the weights; `format` picks the layout, so one call serves stage 2 and outside tools.
 
@@ -73,22 +69,10 @@ class AutoencoderKL(nn.Module):
           CompVis keys; kwargs: prefix ("first_stage_model." for an SD-checkpoint layout), dtype.
         Every file is written to a temporary name and renamed into place.
         """
-        if format != "ldm":
-            from ldm.checkpoints import autoencoder as ckpt
+        # reason: a one-line hand-off to the format layer, which sits above the model (layering)
+        from ldm.checkpoints.autoencoder import save_autoencoder
 
-            savers = {"diffusers": ckpt.save_diffusers, "compvis": ckpt.save_compvis}
-            if format not in savers:
-                raise ValueError(f"unknown autoencoder export format {format!r}: ldm | diffusers | compvis")
-            return savers[format](self, directory, **kwargs)
-        from safetensors.torch import save_file
-
-        from ldm.checkpoints.files import atomic_write
-
-        directory = Path(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
-        atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(self.config, indent=2)))
-        return directory
+        return save_autoencoder(self, directory, format, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **arch: Any) -> AutoencoderKL:
@@ -99,34 +83,10 @@ class AutoencoderKL(nn.Module):
           with `vae/`; the config's scaling_factor is kept as `model.scaling_factor`;
         - a CompVis `.ckpt` / `.safetensors`: a whole SD checkpoint (`first_stage_model.*`) or VAE-only;
           the architecture is read off the tensor shapes.
-        `arch` overrides ddconfig keys. Pickles are loaded with `weights_only=True` only.
+        `arch` overrides ddconfig keys. Pickles are loaded with `weights_only=True` only. An identity
+        (pixel-space) export gives the `IdentityAutoencoder`. This is `ldm.checkpoints.autoencoder.load_model`.
         """
-        from ldm.autoencoder.identity import read_identity_export
+        # reason: a one-line hand-off to the format layer, which sits above the model (layering)
+        from ldm.checkpoints.autoencoder import load_model
 
-        identity = read_identity_export(path)
-        if identity is not None:  # pixel space: a config, no weights
-            return identity
-        from ldm.checkpoints.autoencoder import load_autoencoder
-
-        loaded = load_autoencoder(path, **arch)
-        loaded.model.scaling_factor = loaded.scaling_factor
-        return loaded.model
-
-    @classmethod
-    def _from_ldm_export(cls, path: str | Path, **arch: Any) -> AutoencoderKL:
-        """Our own export: config from autoencoder.json (updated by `arch`), weights loaded strictly."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        directory = path if path.is_dir() else path.parent
-        weights = directory / WEIGHTS_NAME if path.is_dir() else path
-        if not weights.exists():
-            raise FileNotFoundError(f"no autoencoder weights at {weights}")
-        config = json.loads((directory / CONFIG_NAME).read_text()) if (directory / CONFIG_NAME).exists() else {}
-        config.update(arch)
-        model = cls(**config)
-        try:
-            model.load_state_dict(load_file(str(weights)))
-        except RuntimeError as err:
-            raise RuntimeError(f"{weights}: {err}") from err
-        return model
+        return load_model(path, **arch)

@@ -1,5 +1,8 @@
-"""The KL autoencoder in Stable Diffusion (CompVis) and diffusers layouts: key maps, configs, loaders, exporters.
+"""Every file layout of the first stage: our export, diffusers, Stable Diffusion (CompVis); key maps, loaders, writers.
 
+The one loader, `load_autoencoder(path)`, tells the layouts apart by what `path` holds and returns the model
+(`AutoencoderKL`, or `IdentityAutoencoder` for a pixel-space export); `save_autoencoder` writes any of them.
+The model classes know nothing of files: their `from_pretrained` / `save_pretrained` hand off to here.
 Our `AutoencoderKL` already uses the CompVis parameter names, so a CompVis file only needs its prefix
 handled; the diffusers layout is translated key by key (and its 2-D attention weights reshaped to the
 1x1 convs CompVis uses). Loading never unpickles arbitrary objects (`torch.load(weights_only=True)`),
@@ -15,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldm.autoencoder.model import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
+from ldm.autoencoder.identity import IdentityAutoencoder, is_identity
+from ldm.autoencoder.model import AutoencoderKL
 from ldm.checkpoints.files import RefusedFileError, atomic_write, load_torch_file
 
+# Our own export: a folder with these two files (an identity export has the config only).
+CONFIG_NAME = "autoencoder.json"
+WEIGHTS_NAME = "autoencoder.safetensors"
 COMPVIS_PREFIX = "first_stage_model."
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -40,8 +48,8 @@ _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 class LoadedAutoencoder:
     """A loaded autoencoder plus what the file said about its latent scale (None where it said nothing)."""
 
-    model: AutoencoderKL
-    format: str  # "ldm" | "diffusers" | "compvis"
+    model: AutoencoderKL | IdentityAutoencoder
+    format: str  # "ldm" | "diffusers" | "compvis" | "identity"
     source: Path
     scaling_factor: float | None = None
     shift_factor: float | None = None
@@ -385,6 +393,32 @@ def _build(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], source:
 
 # ---- loaders --------------------------------------------------------------------------------------------
 
+def read_identity_export(path: str | Path) -> IdentityAutoencoder | None:
+    """The identity autoencoder when `path` is its export (autoencoder.json with kind identity), else None."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return IdentityAutoencoder(**config) if is_identity(config) else None
+
+
+def load_ldm_export(path: str | Path, **arch: Any) -> AutoencoderKL:
+    """Our own export: config from autoencoder.json (updated by `arch`), weights loaded strictly."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    weights = directory / WEIGHTS_NAME if path.is_dir() else path
+    if not weights.exists():
+        raise FileNotFoundError(f"no autoencoder weights at {weights}")
+    config = json.loads((directory / CONFIG_NAME).read_text()) if (directory / CONFIG_NAME).exists() else {}
+    config.update(arch)
+    model = AutoencoderKL(**config)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights}: {err}") from err
+    return model
+
+
 def load_compvis(path: str | Path, **arch: Any) -> LoadedAutoencoder:
     """A CompVis .ckpt/.safetensors: whole SD checkpoint or VAE-only. The architecture is read off the
     tensor shapes; `arch` (ddconfig keys, e.g. resolution, attn_resolutions) overrides what was read."""
@@ -430,18 +464,22 @@ def load_diffusers(path: str | Path, weights: str | Path | None = None, **arch: 
 
 
 def load_autoencoder(path: str | Path, **arch: Any) -> LoadedAutoencoder:
-    """Any of our export folder, a diffusers folder, or a CompVis file, told apart by what `path` holds."""
+    """Any of our export folder (a KL or an identity one), a diffusers folder, or a CompVis file, told apart
+    by what `path` holds."""
     path = Path(path)
     if path.is_dir():
+        identity = read_identity_export(path)
+        if identity is not None:  # pixel space: a config, no weights
+            return LoadedAutoencoder(identity, "identity", path, identity.scaling_factor)
         if (path / WEIGHTS_NAME).is_file():
-            return LoadedAutoencoder(AutoencoderKL._from_ldm_export(path, **arch), "ldm", path)
+            return LoadedAutoencoder(load_ldm_export(path, **arch), "ldm", path)
         if diffusers_dir(path) is not None:
             return load_diffusers(path, **arch)
         raise FileNotFoundError(f"no autoencoder weights at {path}: expected {WEIGHTS_NAME} (+{CONFIG_NAME}), "
                                 f"or a diffusers folder ({DIFFUSERS_CONFIG} + {DIFFUSERS_WEIGHTS[0]}, "
                                 f"or a vae/ subfolder)")
     if path.is_file() and (path.parent / CONFIG_NAME).is_file() and path.suffix == ".safetensors":
-        return LoadedAutoencoder(AutoencoderKL._from_ldm_export(path, **arch), "ldm", path)
+        return LoadedAutoencoder(load_ldm_export(path, **arch), "ldm", path)
     if path.name in DIFFUSERS_WEIGHTS and diffusers_dir(path.parent) == path.parent:
         return load_diffusers(path.parent, path, **arch)  # the weights file of a diffusers folder: use its config
     if not path.is_file():
@@ -449,6 +487,14 @@ def load_autoencoder(path: str | Path, **arch: Any) -> LoadedAutoencoder:
     if path.suffix not in _FILE_SUFFIXES:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected one of {_FILE_SUFFIXES})")
     return load_compvis(path, **arch)
+
+
+def load_model(path: str | Path, **arch: Any) -> AutoencoderKL | IdentityAutoencoder:
+    """`load_autoencoder`'s model, keeping the latent scale the file declared as `model.scaling_factor`
+    (what `AutoencoderKL.from_pretrained` returns). `arch` overrides ddconfig keys."""
+    loaded = load_autoencoder(path, **arch)
+    loaded.model.scaling_factor = loaded.scaling_factor
+    return loaded.model
 
 
 # ---- exporters ------------------------------------------------------------------------------------------
@@ -472,8 +518,6 @@ def save_diffusers(model: AutoencoderKL, directory: str | Path, scaling_factor: 
                    dtype: torch.dtype | None = None) -> Path:
     """Write config.json + diffusion_pytorch_model.safetensors that `diffusers.AutoencoderKL.from_pretrained`
     loads with no missing or unexpected keys. `scaling_factor` defaults to the model's own, if it has one."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     _check_diffusers_norms(model)
     scaling = scaling_factor if scaling_factor is not None else getattr(model, "scaling_factor", None)
@@ -491,9 +535,32 @@ def save_compvis(model: AutoencoderKL, path: str | Path, prefix: str = "",
     path = Path(path)
     state = {prefix + k: v for k, v in _cpu_state(model.state_dict(), dtype).items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))
     if path.suffix in (".ckpt", ".pt", ".pth"):
         return atomic_write(path, lambda tmp: torch.save({"state_dict": state}, str(tmp)))
     raise ValueError(f"{path}: CompVis export needs a .safetensors or .ckpt file name")
+
+
+def save_ldm(model: AutoencoderKL | IdentityAutoencoder, directory: str | Path) -> Path:
+    """Our own layout, what stage 2 reads: autoencoder.safetensors + autoencoder.json (the config alone for
+    the identity, which has no weights)."""
+    directory = Path(directory)
+    if not isinstance(model, IdentityAutoencoder):
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(model.config, indent=2)))
+    return directory
+
+
+def save_autoencoder(model: AutoencoderKL | IdentityAutoencoder, directory: str | Path, format: str = "ldm",
+                     **kwargs: Any) -> Path:
+    """Write `model` in the layout `format` names ("ldm", "diffusers", "compvis"); see
+    `AutoencoderKL.save_pretrained` for the files and the keyword arguments of each."""
+    if format == "ldm":
+        return save_ldm(model, directory)
+    if isinstance(model, IdentityAutoencoder):
+        raise ValueError(f"the identity autoencoder has no {format} layout")
+    savers = {"diffusers": save_diffusers, "compvis": save_compvis}
+    if format not in savers:
+        raise ValueError(f"unknown autoencoder export format {format!r}: ldm | diffusers | compvis")
+    return savers[format](model, directory, **kwargs)

@@ -1,4 +1,4 @@
-"""File writing shared by every exporter."""
+"""File reading and writing shared by every format: atomic writes, data-only pickles, state files."""
 
 from __future__ import annotations
 
@@ -85,3 +85,18 @@ def load_torch_file(path: str | os.PathLike, mmap: bool = True) -> Any:
     except (OSError, EOFError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise RefusedFileError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
+
+
+def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Tensors from a .safetensors file, or a pickled checkpoint read with weights_only=True (never arbitrary code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        return load_torch_file(path, mmap=False)
+    except RefusedFileError as err:
+        raise ValueError(f"{err} (convert it to .safetensors)") from None

@@ -1,9 +1,10 @@
-"""Whole models in and out: diffusers StableDiffusionPipeline folders, SD single files, and our export bundle.
+"""Whole-model file layouts: diffusers StableDiffusionPipeline folders, SD single files, and our export bundle.
 
 `load_pretrained(path)` reads any of the three into one `Pretrained` (UNet, text encoder and autoencoder
-weights with their architectures, plus the settings they were trained with); `save_pipeline` and
-`save_single_file` write a trained LatentDiffusionModule for diffusers, ComfyUI and AUTOMATIC1111. The key maps
-live with each model (ldm.checkpoints.unet / autoencoder / text_encoder); this file only assembles them.
+weights with their architectures, plus the settings they were trained with), building no model;
+`save_pipeline` and `save_single_file` write the parts of a trained module (anything with a
+LatentDiffusionModule's attributes) for diffusers, ComfyUI and AUTOMATIC1111. The key maps live with each model
+(ldm.checkpoints.unet / autoencoder / text_encoder); this file only assembles them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,19 @@ import torch
 from ldm.checkpoints import scheduler as sched
 from ldm.checkpoints import text_encoder as te
 from ldm.checkpoints import unet as unet_ckpt
+from ldm.checkpoints.autoencoder import COMPVIS_PREFIX as AE_PREFIX
+from ldm.checkpoints.bundle_layout import (
+    AUTOENCODER_DIR,
+    is_bundle,
+    plain,
+    read_config,
+    read_hparams,
+    read_text_weights,
+    read_unet_weights,
+    sampling_conditioner,
+)
 from ldm.checkpoints.files import save_safetensors, write_json
+from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
 
 MODEL_INDEX = "model_index.json"
 SD_SCALE_FACTOR = 0.18215
@@ -42,8 +55,6 @@ class Pretrained:
 
 def load_pretrained(path: str | Path, use_ema: bool = False) -> Pretrained:
     """A diffusers pipeline folder, an SD single file (.ckpt / .safetensors) or our export bundle."""
-    from ldm.checkpoints.bundle import is_bundle
-
     path = Path(path)
     if is_bundle(path):
         return _load_bundle(path)
@@ -58,16 +69,10 @@ def load_pretrained(path: str | Path, use_ema: bool = False) -> Pretrained:
 
 
 def _load_bundle(path: Path) -> Pretrained:
-    from safetensors.torch import load_file
-
-    from ldm.checkpoints.bundle import EMA_WEIGHTS, TEXT_WEIGHTS, read_hparams
-
     hp = read_hparams(path)
-    text_file = path / TEXT_WEIGHTS
     settings = {k: hp[k] for k in ("prediction_type", "schedule", "scale_factor", "flow") if hp.get(k) is not None}
-    meta = json.loads((path / "unet.json").read_text())
-    return Pretrained(str(path), dict(meta["unet"]), load_file(str(path / EMA_WEIGHTS)), dict(hp["text_encoder"]),
-                      load_file(str(text_file)) if text_file.is_file() else None, path / "autoencoder", settings)
+    return Pretrained(str(path), dict(read_config(path)["unet"]), read_unet_weights(path), dict(hp["text_encoder"]),
+                      read_text_weights(path), path / AUTOENCODER_DIR, settings)
 
 
 def _load_diffusers(path: Path) -> Pretrained:
@@ -126,9 +131,6 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 def pipeline_text_encoder(module: Any) -> Any:
     """The OpenCLIP tower a pipeline export carries; ValueError (the reason) for models a pipeline cannot express."""
-    from ldm.checkpoints.bundle import sampling_conditioner
-    from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
-
     encoder = sampling_conditioner(module)
     if not isinstance(encoder, OpenCLIPTextEncoder):
         kind = (module.hparams.get("text_encoder") or {}).get("kind")
@@ -172,9 +174,6 @@ def save_pipeline(module: Any, directory: str | Path) -> Path:
 def save_single_file(module: Any, path: str | Path) -> Path:
     """A Stable Diffusion single file (SD 1 or SD 2 key names by the text tower) with the EMA UNet, the
     autoencoder and the text encoder; our settings ride along in the safetensors metadata."""
-    from ldm.checkpoints.autoencoder import COMPVIS_PREFIX as AE_PREFIX
-    from ldm.checkpoints.bundle import plain
-
     encoder = pipeline_text_encoder(module)
     unet = module.ema.model
     state = {unet_ckpt.LDM_PREFIX + k: v for k, v in unet.state_dict().items()}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoints.files import atomic_write, save_safetensors, write_json
+from ldm.checkpoints.files import atomic_write, read_state_file, save_safetensors, write_json
 
 HF_PREFIX = "text_model."  # transformers < 5.6 nest CLIPTextModel's weights under it, and published files do
 COMPVIS_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
@@ -191,8 +191,6 @@ def tower_state(encoder: Any) -> dict[str, torch.Tensor]:
 
 def load_transformers(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A `text_encoder/` folder (+ its sibling `tokenizer/`) -> our text_encoder kwargs and OpenCLIP weights."""
-    from ldm.checkpoints.unet import read_state_file
-
     directory = Path(directory)
     cfg = json.loads((directory / CONFIG_NAME).read_text())
     weights = next((directory / n for n in (WEIGHTS_NAME, "pytorch_model.bin") if (directory / n).is_file()), None)

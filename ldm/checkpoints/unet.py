@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoints.files import (
-    RefusedFileError,
+from ldm.checkpoints.files import (  # read_state_file: also imported from here by older code
     atomic_write,
-    load_torch_file,
+    read_state_file,
     save_safetensors,
     write_json,
 )
@@ -234,21 +233,6 @@ def diffusers_to_compvis(state: dict[str, torch.Tensor], config: dict[str, Any])
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Tensors from a .safetensors file, or a pickled checkpoint read with weights_only=True (never arbitrary code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        return load_torch_file(path, mmap=False)
-    except RefusedFileError as err:
-        raise ValueError(f"{err} (convert it to .safetensors)") from None
 
 
 def unet_state_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = False,

@@ -6,6 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from ldm.conditioning.class_embedding import ClassEmbedder, Unconditional
+from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
+
 CONDITIONING_KINDS = ("openclip", "class", "none")
 
 
@@ -14,16 +17,10 @@ def build_conditioner(config: dict[str, Any]) -> nn.Module:
     kwargs = dict(config)
     kind = kwargs.pop("kind", "openclip")
     if kind == "openclip":
-        from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
-
         return OpenCLIPTextEncoder(**kwargs)
     if kind == "class":
-        from ldm.conditioning.class_embedding import ClassEmbedder
-
         return ClassEmbedder(**kwargs)
     if kind == "none":
-        from ldm.conditioning.class_embedding import Unconditional
-
         kwargs.pop("freeze", None)  # nothing to train or freeze (a recipe may set it for every conditioner)
         if kwargs:
             raise ValueError(f"model.text_encoder kind=none takes no other keys, got {sorted(kwargs)}")

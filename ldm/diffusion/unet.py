@@ -1,5 +1,8 @@
 """The latent UNet with cross-attention, with the CompVis `UNetModel` arguments and parameter names.
 
+A plain nn.Module that knows nothing of files: `from_pretrained` / `save_pretrained` hand off to
+`ldm.checkpoints.unet`, which owns every layout (our export, diffusers, CompVis).
+
 Sections in reading order: blocks, transformer, model, presets.
 """
 
@@ -335,12 +338,14 @@ class UNetModel(nn.Module):
         The architecture comes from the folder's config where there is one, else from `arch` over the
         SD 1.5 preset (SD 2.x is recognised from its linear projections); see `ldm.checkpoints.unet`.
         """
+        # reason: a one-line hand-off to the format layer, which sits above the model (layering)
         from ldm.checkpoints.unet import load_unet
 
         return load_unet(path, use_ema=use_ema, **arch)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `unet.json` + `unet.safetensors`, which `from_pretrained` reads back."""
+        # reason: a one-line hand-off to the format layer, which sits above the model (layering)
         from ldm.checkpoints.unet import save_pretrained
 
         return save_pretrained(self, directory)

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ldm.data.buckets import check_bucket_factor, parse_buckets
 from ldm.diffusion.objectives import PREDICTION_TYPES
 from ldm.diffusion.samplers import check_sampler
-
-
-class ConfigError(ValueError):
-    pass
+from ldm.errors import ConfigError  # noqa: F401  (defined below every layer; imported from here by older code)
 
 
 def check_autoencoder_resolution(resolution: int, ch_mult: list[int]) -> None:
@@ -22,8 +20,6 @@ def check_autoencoder_resolution(resolution: int, ch_mult: list[int]) -> None:
 
 def check_buckets(cfg: Any, factor: int, what: str) -> None:
     """data.buckets must parse, and every bucket side be a multiple of `factor` (named by `what`)."""
-    from ldm.data.buckets import check_bucket_factor, parse_buckets
-
     try:
         check_bucket_factor(parse_buckets(cfg.data.get("buckets"), int(cfg.data.resolution)), factor, what)
     except ValueError as err:

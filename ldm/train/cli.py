@@ -19,7 +19,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from ldm.autoencoder.identity import IdentityAutoencoder
+from ldm.bundle import write_bundle
+from ldm.checkpoints import autoencoder as ae_ckpt
 from ldm.checkpoints.files import RefusedFileError, load_torch_file
+from ldm.data.shapes import prompt_set, write_shapes
+from ldm.data.text_embeddings import attach_stored_text
 from ldm.train.checkpoint_io import AtomicCheckpointIO
 from ldm.train.checks import (
     ConfigError,
@@ -36,6 +41,7 @@ from ldm.train.faults import (
     explain_collective_failure,
 )
 from ldm.train.fsdp import module_for_export
+from ldm.train.init_from import load_weights, plan_init
 from ldm.train.loggers import make_logger
 from ldm.train.perf import apply_backend_flags, apply_model_perf, check_perf, compile_per_shape
 from ldm.train.preemption import PreemptionCheckpoint
@@ -43,6 +49,7 @@ from ldm.train.progress import LossProgressBar
 from ldm.train.run_dir import find_latest_checkpoint, find_run_checkpoint
 from ldm.train.signals import own_signal_handlers
 from ldm.train.throughput import ThroughputMonitor
+from ldm.weights import use_offline_cache
 
 # Frozen parts (autoencoder, text encoder, EMA copy) are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -84,8 +91,6 @@ def ensure_shapes_data(cfg: DictConfig) -> None:
         return
     if train.is_dir() and any(train.glob("*.tar")):
         return
-    from ldm.data.shapes import write_shapes
-
     root = train.parent
     print(f"[ldm] built-in shapes data not found under {root}; writing it (python -m ldm.data.shapes --out {root})")
     write_shapes(root, num_train=20000, num_val=512, resolution=int(cfg.data.resolution))
@@ -149,21 +154,15 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             extra["grad_clip"] = float(cfg.trainer.gradient_clip_val)  # manual optimization clips in the module
         return instantiate(cfg.stage.module, _convert_="all", **extra)
     if cfg.stage.name == "ldm":
-        from ldm.autoencoder.identity import IdentityAutoencoder
-        from ldm.train.init_from import load_weights, plan_init
-
         plan = plan_init(cfg, _task_overrides())  # model.init_from / model.unet.init_from
         if plan is not None:
             cfg = plan.apply(cfg)
-        from ldm.autoencoder.model import AutoencoderKL
-
         if plan is not None and plan.autoencoder_path:
             path = Path(plan.autoencoder_path)
         else:
             path = None if pixel_space else resolve_autoencoder_path(cfg)
         try:
-            autoencoder = IdentityAutoencoder(**cfg.model.autoencoder) if pixel_space else (
-                AutoencoderKL.from_pretrained(path))
+            autoencoder = IdentityAutoencoder(**cfg.model.autoencoder) if pixel_space else ae_ckpt.load_model(path)
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"model.autoencoder.init_from={path}: cannot load an autoencoder: {err}") from err
         ae_config = dict(autoencoder.config)
@@ -176,8 +175,6 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
             extra["scale_factor"] = float(autoencoder.scaling_factor)  # e.g. SD's 0.18215 from a diffusers config
         if cfg.data.get("name") == "shapes" and cfg.model.text_encoder.get("kind", "openclip") == "openclip":
             # shapes captions as prompts (a class or no conditioner takes none)
-            from ldm.data.shapes import prompt_set
-
             extra["val_prompts"] = prompt_set(int(cfg.stage.num_val_prompts), seed=cfg.seed)
             extra["score_shapes"] = True
         module = instantiate(cfg.stage.module, _convert_="all", **extra)
@@ -228,13 +225,9 @@ def export(module: pl.LightningModule, cfg: DictConfig, run_dir: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)  # a reader sees the old or the new export, never half of one
-        from ldm.checkpoints import autoencoder as ae_ckpt
-
         _export_sd_layouts(ae_ckpt, module.autoencoder, out, "vae.safetensors")
         print(f"[ldm] autoencoder exported to {out} (also diffusers/ and vae.safetensors) and {target}")
     else:
-        from ldm.checkpoints.bundle import write_bundle
-
         # diffusers and CompVis pipelines need a VAE: pixel-space models (identity) keep our own layout only.
         out = write_bundle(module, run_dir / "export", outside_layouts=cfg.model.autoencoder.get("kind") != "identity")
         print(f"[ldm] EMA UNet, autoencoder and settings exported to {out} (python sample.py ckpt={out}; "
@@ -289,8 +282,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = run_directory()
     if cfg.get("offline"):  # before anything loads weights: fail here, naming every missing file
-        from ldm.weights import use_offline_cache
-
         use_offline_cache(cfg, _task_overrides())
     perf = OmegaConf.to_container(cfg.get("perf") or {}, resolve=True)
     check_perf(perf)
@@ -310,8 +301,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         except (ValueError, OSError) as err:
             raise ConfigError(f"data.train_shards / data.val_shards: {err}") from err
         if cfg.stage.name == "ldm":
-            from ldm.data.text_embeddings import attach_stored_text
-
             try:  # a text tower other than the one that made the stored embeddings: a bad setting too
                 if attach_stored_text(module, datamodule):
                     print("[ldm] text: stored embeddings from the latent shards; the text tower does not run "

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.checkpoints.pipeline import load_pretrained
+from ldm.checkpoints.unet import load_unet
 from ldm.diffusion.samplers import SAMPLERS, check_sampler
 from ldm.train.checks import ConfigError
 
@@ -127,17 +129,13 @@ def plan_init(cfg: DictConfig, overrides: list[str] | None) -> InitPlan | None:
     use_ema = bool(model.get("use_ema", False))
     plan = InitPlan(explicit=explicit)
     if unet_only:
-        from ldm.diffusion.unet import UNetModel
-
         try:
-            unet = UNetModel.from_pretrained(unet_only, use_ema=use_ema)
+            unet = load_unet(unet_only, use_ema=use_ema)
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"model.unet.init_from={unet_only}: cannot load a UNet: {err}") from err
         plan.kwargs["unet"] = _arch("unet", cfg, dict(unet.config), explicit, UNET_RUN_KEYS)
         plan.unet_state = unet.state_dict()
         return plan
-    from ldm.checkpoints.pipeline import load_pretrained
-
     try:
         found = load_pretrained(whole, use_ema=use_ema)
     except (OSError, RuntimeError, ValueError, KeyError) as err:

@@ -9,6 +9,8 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
+from ldm.errors import ConfigError
+
 
 def wandb_api_key_configured() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -52,16 +54,12 @@ def make_logger(cfg: dict[str, Any], run_dir: Path, run_name: str, resume_from: 
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            from ldm.train.checks import ConfigError
-
             raise ConfigError("logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
                               "(make installs it), or use logger=csv / logger=wandb")
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard")
     if name == "none":
         return None
     if name != "wandb":
-        from ldm.train.checks import ConfigError
-
         raise ConfigError(f"logger: unknown logger {name!r}; choose wandb, csv, tensorboard or none")
     mode = cfg.get("mode", "auto")
     if mode == "auto":
