@@ -80,13 +80,18 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
     return codes
 
 
-def test_usr1_at_different_moments_saves_once_at_one_step_requeues_once_and_resumes_there(tmp_path, tiny_shapes):
-    run = tmp_path / "run"
-    args = ["stage=vae", "data=webdataset", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
+def two_rank_vae_args(tmp_path: Path, tiny_shapes: Path, run: Path) -> list[str]:
+    """stage=vae on a user's shards, 2 DDP ranks, a checkpoint every 4 steps, flags agreed every WINDOW steps."""
+    return ["stage=vae", "data=webdataset", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
             f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
             "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.devices=2",
             "trainer.strategy=ddp", f"trainer.log_every_n_steps={WINDOW}", "checkpoint.every_n_train_steps=4",
-            "faults.collective_timeout_s=60", "ckpt=auto", f"hydra.run.dir={run}"]
+            "faults.collective_timeout_s=60", f"hydra.run.dir={run}"]
+
+
+def test_usr1_at_different_moments_saves_once_at_one_step_requeues_once_and_resumes_there(tmp_path, tiny_shapes):
+    run = tmp_path / "run"
+    args = [*two_rank_vae_args(tmp_path, tiny_shapes, run), "ckpt=auto"]
     procs = start_ranks(tmp_path, [*args, "trainer.max_steps=100000"], restarts=0, tag="first")
     (tmp_path / "pgids").write_text(" ".join(str(p.pid) for p in procs))
     try:
@@ -134,11 +139,7 @@ def test_sigterm_on_one_rank_stops_both_after_the_same_step(tmp_path, tiny_shape
     every batch (a collective and a host read per step) and stops rank 1 alone, which leaves rank 0 waiting in
     its next collective. Agreed once per window instead, both ranks stop after one step, cleanly."""
     run = tmp_path / "run"
-    args = ["stage=vae", "data=webdataset", *USER_DATA, f"data.train_shards={tiny_shapes}/train",
-            f"data.val_shards={tiny_shapes}/val", f"paths.runs={tmp_path}/runs", f"paths.exports={tmp_path}/exports",
-            "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.devices=2",
-            "trainer.strategy=ddp", f"trainer.log_every_n_steps={WINDOW}", "checkpoint.every_n_train_steps=4",
-            "faults.collective_timeout_s=60", "trainer.max_steps=100000", f"hydra.run.dir={run}"]
+    args = [*two_rank_vae_args(tmp_path, tiny_shapes, run), "trainer.max_steps=100000"]
     procs = start_ranks(tmp_path, args, restarts=0, tag="term")
     try:
         wait_for_ranks("the first checkpoint", lambda: (run / "checkpoints" / "step0000004.ckpt").exists(), 240,
