@@ -214,3 +214,39 @@ def test_flag_is_agreed_once_per_window_whatever_the_steps_per_batch(monkeypatch
     assert len(strategy.calls) == 3 and strategy.calls[-1].tolist() == [0, 0]
     assert saved == [("run/hpc_ckpt_1", 12), ("requeue", "77")]
     assert trainer._signal_connector.stopping_for_requeue
+
+
+@pytest.mark.parametrize("requeued", [True, False])
+def test_after_a_requeue_save_late_job_signals_are_ignored(tmp_path, monkeypatch, requeued):
+    """A rank's own USR1 can arrive after the ranks agreed on another rank's, and `scontrol requeue` SIGTERMs every
+    rank: once a rank has saved for the requeue, neither may kill it on its way out (exit -10 or -15 instead of 0).
+    Without a requeue save, fit's end gives back the handlers from before fit."""
+    import pytorch_lightning as pl
+
+    from ldm.train.signals import OwnedSignalConnector, own_signal_handlers
+
+    env = fake_slurm_env(tmp_path)
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("SLURM_"):
+            monkeypatch.setenv(key, value)
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        own_signal_handlers(trainer)
+        connector = trainer._signal_connector
+        assert isinstance(connector, OwnedSignalConnector)
+        connector.register_signal_handlers()
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN)  # SLURM: requeue on USR1
+        connector.stopping_for_requeue = requeued
+        connector.teardown()
+        after = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        if requeued:
+            assert after == {signal.SIGUSR1: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}
+        else:
+            assert after == before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

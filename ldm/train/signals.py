@@ -76,24 +76,28 @@ class OwnedSignalConnector(_SignalConnector):
         # else PreemptionCheckpoint has the ranks agree at a window boundary, then sets received_sigterm on all
 
     def teardown(self) -> None:
-        """Restore the handlers from before fit; after a requeue save, SIGTERM stays ignored.
+        """Restore the handlers from before fit; after a requeue save, SIGTERM and the requeue signal stay ignored.
 
-        `scontrol requeue` SIGTERMs every rank while it exits after the save; the default action would turn
-        that clean exit into a kill (SLURM's SIGKILL after KillWait still ends a process that is stuck).
+        `scontrol requeue` SIGTERMs every rank while it exits after the save, and a rank's own USR1 can arrive
+        after the ranks agreed on another rank's; the default action of either would turn that clean exit into a
+        kill (SLURM's SIGKILL after KillWait still ends a process that is stuck).
         """
         if self.stopping_for_requeue:
-            self._original_handlers.pop(signal.SIGTERM, None)
-            self._register_signal(signal.SIGTERM, signal.SIG_IGN)
+            for signum in {signal.SIGTERM, *self._requeue_signals()}:
+                self._original_handlers.pop(signum, None)
+                self._register_signal(signum, signal.SIG_IGN)
         super().teardown()
+
+    def _requeue_signals(self) -> set[int]:
+        environment = self.trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.requeue_signal is not None:
+            return {environment.requeue_signal}
+        return set()
 
     def register_signal_handlers(self) -> None:
         super().register_signal_handlers()
-        environment = self.trainer._accelerator_connector.cluster_environment
-        signums = {signal.SIGTERM}
-        if isinstance(environment, SLURMEnvironment) and environment.requeue_signal is not None:
-            signums.add(environment.requeue_signal)
         owner = os.getpid()
-        for signum in signums:
+        for signum in {signal.SIGTERM, *self._requeue_signals()}:
             handler = signal.getsignal(signum)
             if callable(handler) and not isinstance(handler, OwnerOnlyHandler):
                 self._register_signal(signum, OwnerOnlyHandler(handler, owner))
