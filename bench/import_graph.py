@@ -300,7 +300,7 @@ def _tiny_export(folder: Path) -> Path:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by the profiler once the model is loaded: the trace needs loading only, not sampling."""
 
 
 def trace_sample(root: Path, calls: bool = False) -> dict[str, Any]:
@@ -348,7 +348,7 @@ def trace_sample(root: Path, calls: bool = False) -> dict[str, Any]:
         try:
             sampling.run_sampling(cfg)
         except _Stop:
-            pass
+            pass  # the model is loaded; sampling itself is not traced
         finally:
             sys.setprofile(None)
 
